@@ -1,0 +1,120 @@
+// Entry point of the blockmirror CLI (bin/blockmirror.js calls main(process.argv)).
+// Exit status: 0 success, 1 the daemon answered with an error, 2 bad usage, 3 daemon unreachable.
+import path from 'node:path';
+import { Command, CommanderError } from 'commander';
+import { defaults } from '../config/config';
+import { ControlClient } from '../control/client';
+import { BmError, ControlErrorCode, errorCode, errorMessage } from '../control/errors';
+import type { MethodName, MethodParams, MethodResults } from '../control/protocol';
+import { packageVersion } from '../daemon/version';
+import { formatRemoved, formatStatus, formatVolumeInfo, formatVolumeList } from './format';
+
+export const exitCodes = { ok: 0, daemonError: 1, usage: 2, unreachable: 3 } as const;
+const requestTimeoutMsDefault = 60_000;
+
+interface GlobalOptions {
+  socket: string;
+  json: boolean;
+  timeout: string;
+}
+
+function usageError(message: string): BmError {
+  return new BmError('BM_ERR_USAGE', message);
+}
+
+/** Run one request and print its result: JSON with --json, else the human rendering. */
+async function call<M extends MethodName>(
+  program: Command,
+  method: M,
+  params: MethodParams<M>,
+  render: (result: MethodResults[M]) => string,
+): Promise<void> {
+  const options = program.opts<GlobalOptions>();
+  const timeoutMs = Number(options.timeout);
+  if (!Number.isSafeInteger(timeoutMs) || timeoutMs <= 0) throw usageError('--timeout: expected a positive number of milliseconds');
+  const client = await ControlClient.connect({ socketPath: path.resolve(options.socket), timeoutMs });
+  try {
+    const result = await client.request(method, params);
+    process.stdout.write(options.json ? JSON.stringify(result, null, 2) + '\n' : render(result));
+  } finally {
+    client.close();
+  }
+}
+
+function buildProgram(): Command {
+  const program = new Command('blockmirror')
+    .description('Manage blockmirrord through its control socket.')
+    .version(packageVersion())
+    .option('--socket <path>', 'control socket of blockmirrord', defaults.controlSocket)
+    .option('--json', 'print the result as JSON', false)
+    .option('--timeout <ms>', 'give up on a request after this many milliseconds', String(requestTimeoutMsDefault))
+    .exitOverride()
+    .showHelpAfterError(false);
+
+  const volume = program.command('volume').description('add, list, inspect and remove volumes').exitOverride();
+  volume
+    .command('add <name>')
+    .description('register a block device (or file) as a volume and export it over NBD')
+    .requiredOption('--device <path>', 'block device or file to serve')
+    .option('--read-only', 'export read-only', false)
+    .exitOverride()
+    .action((name: string, options: { device: string; readOnly: boolean }) =>
+      call(program, 'volume.add', { name, device: path.resolve(options.device), readOnly: options.readOnly }, formatVolumeInfo),
+    );
+  volume
+    .command('list')
+    .description('list volumes')
+    .exitOverride()
+    .action(() => call(program, 'volume.list', {}, (result) => formatVolumeList(result.volumes)));
+  volume
+    .command('info <name>')
+    .description('show one volume, including its NBD URI')
+    .exitOverride()
+    .action((name: string) => call(program, 'volume.info', { name }, formatVolumeInfo));
+  volume
+    .command('remove <name>')
+    .description('stop exporting a volume and forget it (the device is not touched)')
+    .option('--force', 'disconnect NBD clients first instead of refusing', false)
+    .exitOverride()
+    .action((name: string, options: { force: boolean }) => call(program, 'volume.remove', { name, force: options.force }, formatRemoved));
+  program
+    .command('status')
+    .description('show daemon status')
+    .exitOverride()
+    .action(() => call(program, 'status', {}, formatStatus));
+  return program;
+}
+
+function exitCodeFor(code: string): number {
+  if (code === ControlErrorCode.DaemonUnreachable || code === ControlErrorCode.DaemonTimeout) return exitCodes.unreachable;
+  if (code === 'BM_ERR_USAGE') return exitCodes.usage;
+  return exitCodes.daemonError;
+}
+
+export async function run(argv: readonly string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync([...argv]);
+    return exitCodes.ok;
+  } catch (error) {
+    if (error instanceof CommanderError) {
+      // commander already printed its message; help/version exit 0.
+      return error.exitCode === 0 ? exitCodes.ok : exitCodes.usage;
+    }
+    const code = errorCode(error) ?? ControlErrorCode.Internal;
+    process.stderr.write(`blockmirror: ${code}: ${errorMessage(error)}\n`);
+    return exitCodeFor(code);
+  }
+}
+
+export function main(argv: readonly string[]): void {
+  run(argv).then(
+    (exitCode) => {
+      process.exitCode = exitCode;
+    },
+    (error: unknown) => {
+      process.stderr.write(`blockmirror: ${ControlErrorCode.Internal}: ${errorMessage(error)}\n`);
+      process.exitCode = exitCodes.daemonError;
+    },
+  );
+}

@@ -1,0 +1,142 @@
+// Daemon configuration: built-in defaults, then the optional JSON file, then command-line flags.
+// The file is validated strictly (unknown fields are errors) so a typo is not silently ignored.
+import fs from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+import { BmError, errorCode } from '../control/errors';
+import { formatFirstIssue } from './zod-issues';
+
+export const defaultConfigPath = '/etc/blockmirror/blockmirror.json';
+export const configFileBytesMax = 64 * 1024;
+
+export const logLevels = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+export type LogLevel = (typeof logLevels)[number];
+
+export interface HostPort {
+  host: string;
+  port: number;
+}
+
+export interface DaemonConfig {
+  controlSocket: string;
+  nbdSocket: string;
+  nbdListen: HostPort | null;
+  stateDir: string;
+  logLevel: LogLevel;
+  /** The file that was read, or null when the default file does not exist. */
+  configPath: string | null;
+}
+
+export const defaults = {
+  controlSocket: '/run/blockmirror/control.sock',
+  nbdSocket: '/run/blockmirror/nbd.sock',
+  stateDir: '/var/lib/blockmirror',
+  logLevel: 'info',
+} as const satisfies Partial<DaemonConfig>;
+
+/** "127.0.0.1:10809", "[::1]:10809", "localhost:0" (port 0 picks a free port). */
+export function parseHostPort(text: string): HostPort | null {
+  const match = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:\s[\]]+)):(\d{1,5})$/.exec(text);
+  if (match === null) return null;
+  const host = match[1] ?? match[2];
+  const port = Number(match[3]);
+  if (host === undefined || port > 65535) return null;
+  return { host, port };
+}
+
+/** Unix socket paths are limited to 107 bytes by sockaddr_un. */
+const socketPathBytesMax = 107;
+const absolutePath = z.string().min(1).startsWith('/', 'expected an absolute path');
+const socketPath = absolutePath.refine((value) => Buffer.byteLength(value) <= socketPathBytesMax, `expected at most ${socketPathBytesMax} bytes (sockaddr_un limit)`);
+
+export const configFileSchema = z.strictObject({
+  controlSocket: socketPath.optional(),
+  nbdSocket: socketPath.optional(),
+  nbdListen: z
+    .string()
+    .refine((value) => parseHostPort(value) !== null, 'expected HOST:PORT')
+    .nullable()
+    .optional(),
+  stateDir: absolutePath.optional(),
+  logLevel: z.enum(logLevels).optional(),
+});
+export type ConfigFile = z.infer<typeof configFileSchema>;
+
+function configError(configPath: string, detail: string, cause?: unknown): BmError {
+  return new BmError('BM_ERR_CONFIG', `config ${configPath}: ${detail}`, { cause });
+}
+
+/** Read and validate a config file. A missing file is an error unless `missingOk` (the default path). */
+export function loadConfigFile(configPath: string, missingOk: boolean): ConfigFile | null {
+  let text: string;
+  try {
+    const stat = fs.statSync(configPath);
+    if (!stat.isFile()) throw configError(configPath, 'not a regular file');
+    if (stat.size > configFileBytesMax) throw configError(configPath, `larger than ${configFileBytesMax} bytes`);
+    text = fs.readFileSync(configPath, 'utf8');
+  } catch (error) {
+    if (error instanceof BmError) throw error;
+    if (errorCode(error) === 'ENOENT' && missingOk) return null;
+    throw configError(configPath, `cannot read: ${errorCode(error) ?? String(error)}`, error);
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (error) {
+    throw configError(configPath, `not valid JSON: ${(error as Error).message}`, error);
+  }
+  const parsed = configFileSchema.safeParse(raw);
+  if (!parsed.success) throw configError(configPath, formatFirstIssue(parsed.error));
+  return parsed.data;
+}
+
+/** What the command line gave; undefined means "not given". */
+export interface CliConfig {
+  config?: string;
+  controlSocket?: string;
+  nbdSocket?: string;
+  nbdListen?: string;
+  stateDir?: string;
+  logLevel?: string;
+}
+
+function cliError(flag: string, detail: string): BmError {
+  return new BmError('BM_ERR_INVALID_ARGUMENT', `${flag}: ${detail}`);
+}
+
+function cliSocketPath(flag: string, value: string): string {
+  const resolved = path.resolve(value);
+  if (Buffer.byteLength(resolved) > socketPathBytesMax) throw cliError(flag, `expected at most ${socketPathBytesMax} bytes (sockaddr_un limit)`);
+  return resolved;
+}
+
+/** Merge defaults, file and flags (flags win). Relative paths on the command line are taken from
+ *  the working directory; the file only accepts absolute paths. */
+export function resolveConfig(cli: CliConfig): DaemonConfig {
+  const configPath = cli.config === undefined ? defaultConfigPath : path.resolve(cli.config);
+  const file = loadConfigFile(configPath, cli.config === undefined) ?? null;
+
+  let nbdListen: HostPort | null = null;
+  if (cli.nbdListen !== undefined) {
+    nbdListen = parseHostPort(cli.nbdListen);
+    if (nbdListen === null) throw cliError('--nbd-listen', 'expected HOST:PORT');
+  } else if (file?.nbdListen != null) {
+    nbdListen = parseHostPort(file.nbdListen);
+  }
+
+  let logLevel: LogLevel = file?.logLevel ?? defaults.logLevel;
+  if (cli.logLevel !== undefined) {
+    const parsed = z.enum(logLevels).safeParse(cli.logLevel);
+    if (!parsed.success) throw cliError('--log-level', `expected one of ${logLevels.join(', ')}`);
+    logLevel = parsed.data;
+  }
+
+  return {
+    controlSocket: cli.controlSocket !== undefined ? cliSocketPath('--control-socket', cli.controlSocket) : (file?.controlSocket ?? defaults.controlSocket),
+    nbdSocket: cli.nbdSocket !== undefined ? cliSocketPath('--nbd-socket', cli.nbdSocket) : (file?.nbdSocket ?? defaults.nbdSocket),
+    nbdListen,
+    stateDir: cli.stateDir !== undefined ? path.resolve(cli.stateDir) : (file?.stateDir ?? defaults.stateDir),
+    logLevel,
+    configPath: file === null ? null : configPath,
+  };
+}

@@ -1,0 +1,230 @@
+// The daemon side of the control socket: framing, validation and dispatch. What the methods do
+// lives in the handlers the daemon passes in; this module knows nothing about volumes.
+import assert from 'node:assert';
+import fs from 'node:fs';
+import net from 'node:net';
+import type { Logger } from 'pino';
+import { formatFirstIssue } from '../config/zod-issues';
+import { ControlErrorCode, errorCode, errorMessage, isBmError } from './errors';
+import {
+  controlConnectionsMax,
+  controlLineBytesMax,
+  isMethodName,
+  paramsSchemas,
+  requestEnvelopeSchema,
+  type MethodName,
+  type MethodParams,
+  type MethodResults,
+  type RequestId,
+  type Response,
+} from './protocol';
+import { claimSocketPath, removeSocketPath } from './socket-path';
+
+export type ControlHandlers = {
+  [M in MethodName]: (params: MethodParams<M>) => Promise<MethodResults[M]>;
+};
+
+export interface ControlServerOptions {
+  handlers: ControlHandlers;
+  logger: Logger;
+  /** File mode of the socket: group members may manage volumes, others may not connect. */
+  socketMode: number;
+}
+
+const newline = 0x0a;
+
+export class ControlServer {
+  private readonly handlers: ControlHandlers;
+  private readonly logger: Logger;
+  private readonly socketMode: number;
+  private readonly server: net.Server;
+  private readonly connections = new Set<ControlConnection>();
+  private socketPath: string | null = null;
+  private closing = false;
+
+  constructor(options: ControlServerOptions) {
+    this.handlers = options.handlers;
+    this.logger = options.logger;
+    this.socketMode = options.socketMode;
+    this.server = net.createServer({ allowHalfOpen: false }, (socket) => this.accept(socket));
+    this.server.maxConnections = controlConnectionsMax;
+  }
+
+  async listen(socketPath: string): Promise<void> {
+    assert(this.socketPath === null, 'listen() called twice');
+    await claimSocketPath(socketPath);
+    await new Promise<void>((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(socketPath, () => {
+        this.server.off('error', reject);
+        resolve();
+      });
+    });
+    this.socketPath = socketPath;
+    fs.chmodSync(socketPath, this.socketMode);
+    this.server.on('error', (error) => this.logger.error({ err: error }, 'control server error'));
+  }
+
+  /** Stop accepting, let requests already running finish, answer queued ones with
+   *  BM_ERR_SHUTTING_DOWN, close every connection and remove the socket file. */
+  async close(): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    const serverClosed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await Promise.all([...this.connections].map((connection) => connection.shutdown()));
+    await serverClosed;
+    if (this.socketPath !== null) removeSocketPath(this.socketPath);
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    const connection = new ControlConnection(socket, this.logger, (method, params) => this.dispatch(method, params), () => this.closing);
+    this.connections.add(connection);
+    socket.once('close', () => this.connections.delete(connection));
+  }
+
+  private dispatch(method: MethodName, params: unknown): Promise<unknown> {
+    const handler = this.handlers[method] as (params: unknown) => Promise<unknown>;
+    return handler(params);
+  }
+}
+
+type Dispatch = (method: MethodName, params: unknown) => Promise<unknown>;
+
+/** One client. Requests are handled strictly one at a time: the socket is paused while a
+ *  request runs and while replies wait to be flushed, so buffered input is bounded by one line
+ *  limit plus one read chunk, and a client that does not read replies stops being read. */
+class ControlConnection {
+  private pending: Buffer = Buffer.alloc(0);
+  private running: Promise<void> | null = null;
+  /** No more requests are read (closing, or framing lost). */
+  private ended = false;
+
+  constructor(
+    private readonly socket: net.Socket,
+    private readonly logger: Logger,
+    private readonly dispatch: Dispatch,
+    private readonly serverClosing: () => boolean,
+  ) {
+    socket.on('data', (chunk: Buffer) => this.receive(chunk));
+    socket.on('error', (error) => {
+      // A client that vanishes is normal; nothing to answer.
+      this.logger.debug({ err: error }, 'control connection error');
+    });
+    socket.once('close', () => {
+      this.ended = true;
+    });
+  }
+
+  /** Finish the request that is running, then end the connection. */
+  async shutdown(): Promise<void> {
+    this.ended = true;
+    while (this.running !== null) await this.running;
+    this.socket.end();
+    this.socket.destroySoon();
+  }
+
+  private receive(chunk: Buffer): void {
+    if (this.ended) return;
+    this.pending = this.pending.length === 0 ? chunk : Buffer.concat([this.pending, chunk]);
+    this.socket.pause();
+    if (this.running === null) {
+      this.running = this.serve().finally(() => {
+        this.running = null;
+      });
+    }
+  }
+
+  /** Answer every complete line in `pending`, then read more. */
+  private async serve(): Promise<void> {
+    for (;;) {
+      if (this.ended) return;
+      const end = this.pending.indexOf(newline);
+      if (end > controlLineBytesMax || (end === -1 && this.pending.length > controlLineBytesMax)) {
+        this.rejectLongLine();
+        return;
+      }
+      if (end === -1) break;
+      const line = this.pending.subarray(0, end).toString('utf8');
+      this.pending = this.pending.subarray(end + 1);
+      const reply = await this.answer(line);
+      if (this.socket.destroyed) return;
+      if (!this.socket.write(JSON.stringify(reply) + '\n')) {
+        await new Promise<void>((resolve) => {
+          const done = (): void => {
+            this.socket.off('drain', done);
+            this.socket.off('close', done);
+            resolve();
+          };
+          this.socket.on('drain', done);
+          this.socket.on('close', done);
+        });
+      }
+    }
+    // Keep a copy of the partial line, not a view that pins the whole chunk it came from.
+    this.pending = Buffer.from(this.pending);
+    if (!this.ended && !this.socket.destroyed) this.socket.resume();
+  }
+
+  /** The framing is lost: say why and hang up (earlier complete lines were already answered). */
+  private rejectLongLine(): void {
+    this.pending = Buffer.alloc(0);
+    this.ended = true;
+    const reply: Response = {
+      id: null,
+      ok: false,
+      error: { code: ControlErrorCode.LineTooLong, message: `request line longer than ${controlLineBytesMax} bytes` },
+    };
+    if (!this.socket.destroyed) this.socket.end(JSON.stringify(reply) + '\n');
+  }
+
+  private async answer(line: string): Promise<Response> {
+    let raw: unknown;
+    try {
+      raw = JSON.parse(line);
+    } catch (error) {
+      return failure(null, ControlErrorCode.BadRequest, `request is not valid JSON: ${errorMessage(error)}`);
+    }
+    const envelope = requestEnvelopeSchema.safeParse(raw);
+    if (!envelope.success) {
+      const id = idOf(raw);
+      return failure(id, ControlErrorCode.BadRequest, `bad request: ${formatFirstIssue(envelope.error)}`);
+    }
+    const { id, method } = envelope.data;
+    if (!isMethodName(method)) {
+      return failure(id, ControlErrorCode.UnknownMethod, `unknown method ${JSON.stringify(method)}`);
+    }
+    if (this.serverClosing()) {
+      return failure(id, ControlErrorCode.ShuttingDown, 'the daemon is shutting down');
+    }
+    const params = paramsSchemas[method].safeParse(envelope.data.params ?? {});
+    if (!params.success) {
+      return failure(id, ControlErrorCode.InvalidArgument, formatFirstIssue(params.error));
+    }
+    try {
+      const result = await this.dispatch(method, params.data);
+      return { id, ok: true, result };
+    } catch (error) {
+      if (isBmError(error)) return failure(id, error.code, error.message);
+      this.logger.error({ err: error, method }, 'control method failed unexpectedly');
+      return failure(id, ControlErrorCode.Internal, `${errorCode(error) ?? 'Error'}: ${errorMessage(error)}`);
+    }
+  }
+}
+
+function failure(id: RequestId | null, code: string, message: string): Response {
+  return { id, ok: false, error: { code, message } };
+}
+
+/** The id of a request that failed validation, when it has a usable one, so the client can match it. */
+function idOf(raw: unknown): RequestId | null {
+  if (typeof raw !== 'object' || raw === null || !('id' in raw)) return null;
+  const id = (raw as { id: unknown }).id;
+  if (typeof id === 'string' && id.length <= 128) return id;
+  if (typeof id === 'number' && Number.isSafeInteger(id)) return id;
+  return null;
+}
+

@@ -1,0 +1,200 @@
+// blockmirrord's lifecycle: start everything in order, stop it in reverse. Start order: state
+// dir and lock, registry and volumes, NBD server, control socket, then READY=1. Stop order:
+// STOPPING=1, control socket, NBD server (in-flight requests answered), volumes (drained and
+// flushed), sockets removed, lock released.
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import type { DaemonConfig } from '../config/config';
+import { BmError, errorCode } from '../control/errors';
+import type { StatusResult } from '../control/protocol';
+import { ControlServer } from '../control/server';
+import { claimSocketPath, removeSocketPath } from '../control/socket-path';
+import { ioEngine, lockFileExclusive, sdNotify } from '../native/index';
+import { NbdServer } from '../nbd/server';
+import { Volume } from '../volume/volume';
+import { SystemdNotifier } from './notify';
+import { loadRegistry } from './registry';
+import { packageVersion } from './version';
+import { VolumeManager, type VolumeUris } from './volume-manager';
+
+/** Control and NBD sockets: owner and group (e.g. a "blockmirror" admin group) only. */
+export const socketMode = 0o660;
+export const stateDirMode = 0o750;
+export const socketDirMode = 0o750;
+/** How long NBD clients get to drain at shutdown or forced remove before being cut off. */
+const nbdShutdownMsMax = 10_000;
+
+interface Lock {
+  release(): void;
+}
+
+export class Daemon {
+  private readonly config: DaemonConfig;
+  private readonly logger: Logger;
+  private readonly notifier: SystemdNotifier;
+  private readonly startedAtMs = Date.now();
+  private lock: Lock | null = null;
+  private volumes: VolumeManager | null = null;
+  private nbd: NbdServer | null = null;
+  private control: ControlServer | null = null;
+  private nbdListening = false;
+  private nbdTcpPort: number | null = null;
+  private stopping: Promise<void> | null = null;
+
+  constructor(config: DaemonConfig, logger: Logger) {
+    this.config = config;
+    this.logger = logger;
+    this.notifier = new SystemdNotifier(sdNotify, process.env, logger);
+  }
+
+  async start(): Promise<void> {
+    const { config, logger } = this;
+    fs.mkdirSync(config.stateDir, { recursive: true, mode: stateDirMode });
+    fs.mkdirSync(path.dirname(config.controlSocket), { recursive: true, mode: socketDirMode });
+    fs.mkdirSync(path.dirname(config.nbdSocket), { recursive: true, mode: socketDirMode });
+
+    const lockPath = path.join(config.stateDir, 'lock');
+    try {
+      this.lock = lockFileExclusive(lockPath);
+    } catch (error) {
+      if (errorCode(error) === 'BM_ERR_LOCKED') {
+        throw new BmError('BM_ERR_LOCKED', `state dir ${config.stateDir} is in use by another blockmirrord (${lockPath} is locked)`, { cause: error });
+      }
+      throw error;
+    }
+
+    const records = loadRegistry(config.stateDir);
+    const volumes = new VolumeManager({
+      stateDir: config.stateDir,
+      logger: logger.child({ component: 'volumes' }),
+      openVolume: (spec, volumeLogger) => Volume.open(spec, volumeLogger),
+      connections: () => this.requireNbd(),
+      uris: (name) => this.uris(name),
+    });
+    this.volumes = volumes;
+    this.nbd = new NbdServer({
+      lookupExport: (name: string) => volumes.lookupExport(name),
+      listExports: () => volumes.listExports(),
+      logger: logger.child({ component: 'nbd' }),
+      // Well inside the daemon's own shutdown bound, so a stuck client cannot use it all up.
+      shutdownTimeoutMs: nbdShutdownMsMax,
+    });
+    volumes.openRegistered(records);
+
+    await claimSocketPath(config.nbdSocket);
+    this.checkNotStopping();
+    await this.nbd.listenUnix(config.nbdSocket);
+    this.nbdListening = true;
+    fs.chmodSync(config.nbdSocket, socketMode);
+    if (config.nbdListen !== null) {
+      this.nbdTcpPort = await this.nbd.listenTcp(config.nbdListen.host, config.nbdListen.port);
+    }
+    this.checkNotStopping();
+
+    this.control = new ControlServer({
+      logger: logger.child({ component: 'control' }),
+      socketMode,
+      handlers: {
+        'volume.add': (params) => volumes.add(params),
+        'volume.list': async () => ({ volumes: volumes.list() }),
+        'volume.info': async (params) => volumes.info(params.name),
+        'volume.remove': (params) => volumes.remove(params),
+        status: async () => this.status(),
+      },
+    });
+    await this.control.listen(config.controlSocket);
+    this.checkNotStopping();
+
+    const status = `serving ${volumes.size} volume(s), ${volumes.errorCount} in error`;
+    this.notifier.ready(status);
+    this.notifier.startWatchdog();
+    logger.info(
+      {
+        version: packageVersion(),
+        controlSocket: config.controlSocket,
+        nbdSocket: config.nbdSocket,
+        nbdTcpPort: this.nbdTcpPort,
+        stateDir: config.stateDir,
+        volumes: volumes.size,
+        volumesInError: volumes.errorCount,
+        ioEngine,
+      },
+      'ready',
+    );
+  }
+
+  /** Idempotent; safe after a partial start(). */
+  stop(): Promise<void> {
+    if (this.stopping === null) this.stopping = this.stopOnce();
+    return this.stopping;
+  }
+
+  private async stopOnce(): Promise<void> {
+    const { logger } = this;
+    this.notifier.stopWatchdog();
+    this.notifier.stopping('shutting down');
+    logger.info('stopping');
+    let failed = false;
+    const step = async (what: string, action: () => unknown): Promise<void> => {
+      try {
+        await action();
+      } catch (error) {
+        failed = true;
+        logger.error({ err: error }, `${what} failed during shutdown`);
+      }
+    };
+    if (this.control !== null) await step('closing the control socket', () => this.control?.close());
+    if (this.nbd !== null) await step('closing the NBD server', () => this.nbd?.close());
+    if (this.volumes !== null) await step('closing volumes', () => this.volumes?.closeAll());
+    // Only a socket we listened on: after BM_ERR_SOCKET_IN_USE the file belongs to someone else.
+    if (this.nbdListening) await step('removing the NBD socket', () => removeSocketPath(this.config.nbdSocket));
+    // The lock goes last: until every volume is flushed and closed, a second daemon must not
+    // open the same devices.
+    if (this.lock !== null) await step('releasing the state lock', () => this.lock?.release());
+    if (failed) throw new BmError('BM_ERR_SHUTDOWN', 'shutdown finished with errors (see log)');
+    logger.info('stopped');
+  }
+
+  get isStopping(): boolean {
+    return this.stopping !== null;
+  }
+
+  /** A signal during start(): stop starting things; stop() cleans up what exists. */
+  private checkNotStopping(): void {
+    if (this.stopping !== null) throw new BmError('BM_ERR_SHUTTING_DOWN', 'stopped during start');
+  }
+
+  private requireNbd(): NbdServer {
+    if (this.nbd === null) throw new BmError('BM_ERR_INTERNAL', 'NBD server not started');
+    return this.nbd;
+  }
+
+  private uris(name: string): VolumeUris {
+    const uris: VolumeUris = { nbdUri: `nbd+unix:///${name}?socket=${this.config.nbdSocket}` };
+    const listen = this.config.nbdListen;
+    if (listen !== null && this.nbdTcpPort !== null) {
+      const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;
+      uris.nbdTcpUri = `nbd://${host}:${this.nbdTcpPort}/${name}`;
+    }
+    return uris;
+  }
+
+  private status(): StatusResult {
+    const volumes = this.volumes;
+    const nbd = this.nbd;
+    return {
+      version: packageVersion(),
+      pid: process.pid,
+      uptimeSeconds: Math.floor((Date.now() - this.startedAtMs) / 1000),
+      controlSocket: this.config.controlSocket,
+      nbdSocket: this.config.nbdSocket,
+      nbdListen: this.config.nbdListen === null || this.nbdTcpPort === null ? null : `${this.config.nbdListen.host}:${this.nbdTcpPort}`,
+      stateDir: this.config.stateDir,
+      volumes: volumes?.size ?? 0,
+      volumesInError: volumes?.errorCount ?? 0,
+      connections: nbd?.connectionCount() ?? 0,
+      ioEngine,
+    };
+  }
+}

@@ -1,0 +1,287 @@
+// The set of volumes the daemon serves: the registry on disk, the open devices, and the NBD
+// exports they back. Every change is persisted before it is acknowledged, and changes run one at
+// a time so two control clients cannot interleave a read-modify-write of the registry.
+import assert from 'node:assert';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { BmError, ControlErrorCode, errorCode, errorMessage } from '../control/errors';
+import type { MethodParams, VolumeInfo, VolumeRemoveResult } from '../control/protocol';
+import type { NbdExport } from '../nbd/types';
+import type { BlockBackend } from '../volume/backend';
+import type { VolumeSpec } from '../volume/volume';
+import { describeErrno } from './errno';
+import { saveRegistry, volumesMax, type VolumeRecord } from './registry';
+
+/** The part of an open volume the manager needs; src/volume/volume.ts's Volume satisfies it. */
+export interface OpenVolume extends BlockBackend {
+  close(): Promise<void>;
+}
+
+export type OpenVolumeFn = (spec: VolumeSpec, logger: Logger) => OpenVolume;
+
+/** The part of the NBD server the manager needs. */
+export interface ExportConnections {
+  connectionCount(exportName?: string): number;
+  disconnectExport(exportName: string): unknown;
+}
+
+export interface VolumeUris {
+  nbdUri: string;
+  nbdTcpUri?: string;
+}
+
+export interface VolumeManagerOptions {
+  stateDir: string;
+  logger: Logger;
+  openVolume: OpenVolumeFn;
+  connections: () => ExportConnections;
+  uris: (name: string) => VolumeUris;
+}
+
+interface Entry {
+  record: VolumeRecord;
+  volume: OpenVolume | null;
+  /** Why `volume` is null: the open error, with the errno text. */
+  reason: string | null;
+  /** Identity of the device (block device number or inode), to refuse the same device twice
+   *  under two paths. null when the device could not be stat'ed. */
+  identity: string | null;
+  /** Hidden from new NBD clients while a remove is deciding. */
+  removing: boolean;
+}
+
+const notFoundCodes = new Set(['ENOENT', 'ENXIO', 'ENODEV', 'ENOTDIR']);
+
+/** Map an error from stat/open of a device to the control error a user should see. */
+function deviceError(device: string, error: unknown): BmError {
+  const code = errorCode(error) ?? 'EIO';
+  const detail = `${device}: ${describeErrno(code)}`;
+  if (notFoundCodes.has(code)) return new BmError(ControlErrorCode.DeviceNotFound, `device not found: ${detail}`, { cause: error });
+  if (code === 'EBUSY') return new BmError(ControlErrorCode.DeviceInUse, `device in use (mounted or opened exclusively): ${detail}`, { cause: error });
+  return new BmError(ControlErrorCode.DeviceOpen, `cannot open device ${detail}: ${errorMessage(error)}`, { cause: error });
+}
+
+function deviceIdentity(device: string): string {
+  const stat = fs.statSync(device);
+  if (stat.isBlockDevice()) return `block:${stat.rdev}`;
+  return `inode:${stat.dev}:${stat.ino}`;
+}
+
+export class VolumeManager {
+  private readonly entries = new Map<string, Entry>();
+  private readonly stateDir: string;
+  private readonly logger: Logger;
+  private readonly openVolume: OpenVolumeFn;
+  private readonly connections: () => ExportConnections;
+  private readonly uris: (name: string) => VolumeUris;
+  private queue: Promise<unknown> = Promise.resolve();
+  private closed = false;
+
+  constructor(options: VolumeManagerOptions) {
+    this.stateDir = options.stateDir;
+    this.logger = options.logger;
+    this.openVolume = options.openVolume;
+    this.connections = options.connections;
+    this.uris = options.uris;
+  }
+
+  /** Open every registered volume. A device that cannot be opened stays registered in state
+   *  'error' with the reason, so the daemon still starts and the volume is not forgotten. */
+  openRegistered(records: readonly VolumeRecord[]): void {
+    assert(this.entries.size === 0);
+    for (const record of records) {
+      const entry: Entry = { record, volume: null, reason: null, identity: null, removing: false };
+      try {
+        entry.identity = deviceIdentity(record.device);
+        entry.volume = this.open(record);
+      } catch (error) {
+        const bmError = deviceError(record.device, error);
+        entry.reason = `${bmError.code}: ${bmError.message}`;
+        this.logger.error({ volume: record.name, device: record.device, err: error }, 'volume could not be opened; kept in state error');
+      }
+      this.entries.set(record.name, entry);
+    }
+  }
+
+  get size(): number {
+    return this.entries.size;
+  }
+
+  get errorCount(): number {
+    let count = 0;
+    for (const entry of this.entries.values()) if (entry.volume === null) count++;
+    return count;
+  }
+
+  /** For the NBD server: the export for `name`, if it is online and not being removed. */
+  lookupExport(name: string): NbdExport | undefined {
+    const entry = this.entries.get(name);
+    if (entry === undefined || entry.volume === null || entry.removing) return undefined;
+    return { name, description: `blockmirror volume ${name} (${entry.record.uuid})`, backend: entry.volume };
+  }
+
+  listExports(): NbdExport[] {
+    const exports: NbdExport[] = [];
+    for (const name of this.entries.keys()) {
+      const found = this.lookupExport(name);
+      if (found !== undefined) exports.push(found);
+    }
+    return exports;
+  }
+
+  list(): VolumeInfo[] {
+    return [...this.entries.values()].map((entry) => this.describe(entry));
+  }
+
+  info(name: string): VolumeInfo {
+    return this.describe(this.get(name));
+  }
+
+  add(params: MethodParams<'volume.add'>): Promise<VolumeInfo> {
+    return this.exclusive(async () => {
+      const device = path.resolve(params.device);
+      if (this.entries.has(params.name)) {
+        throw new BmError(ControlErrorCode.VolumeExists, `volume ${params.name} already exists`);
+      }
+      if (this.entries.size >= volumesMax) {
+        throw new BmError(ControlErrorCode.InvalidArgument, `name: at most ${volumesMax} volumes may be registered`);
+      }
+      let identity: string;
+      try {
+        identity = deviceIdentity(device);
+      } catch (error) {
+        throw deviceError(device, error);
+      }
+      for (const other of this.entries.values()) {
+        const sameDevice = other.identity !== null ? other.identity === identity : path.resolve(other.record.device) === device;
+        if (sameDevice) {
+          throw new BmError(ControlErrorCode.DeviceInUse, `device ${device} is already used by volume ${other.record.name}`);
+        }
+      }
+      const record: VolumeRecord = {
+        name: params.name,
+        uuid: crypto.randomUUID(),
+        device,
+        readOnly: params.readOnly ?? false,
+        createdAt: new Date().toISOString(),
+      };
+      let volume: OpenVolume;
+      try {
+        volume = this.open(record);
+      } catch (error) {
+        throw deviceError(device, error);
+      }
+      const entry: Entry = { record, volume, reason: null, identity, removing: false };
+      try {
+        this.persist([...this.records(), record]);
+      } catch (error) {
+        await volume.close().catch((closeError: unknown) => this.logger.error({ err: closeError }, 'closing volume after a failed registry write'));
+        throw new BmError(ControlErrorCode.StateWrite, `volume ${params.name} not added: writing the registry failed: ${errorMessage(error)}`, { cause: error });
+      }
+      this.entries.set(record.name, entry);
+      this.logger.info({ volume: record.name, uuid: record.uuid, device }, 'volume added');
+      return this.describe(entry);
+    });
+  }
+
+  remove(params: MethodParams<'volume.remove'>): Promise<VolumeRemoveResult> {
+    return this.exclusive(async () => {
+      const entry = this.get(params.name);
+      // Hide it first so no client connects between the check and the disconnect.
+      entry.removing = true;
+      const connected = this.connections().connectionCount(params.name);
+      if (connected > 0 && params.force !== true) {
+        entry.removing = false;
+        throw new BmError(ControlErrorCode.VolumeBusy, `volume ${params.name} has ${connected} NBD connection(s); disconnect them or use force`);
+      }
+      if (connected > 0) await this.connections().disconnectExport(params.name);
+      try {
+        this.persist(this.records().filter((record) => record.name !== params.name));
+      } catch (error) {
+        entry.removing = false;
+        throw new BmError(ControlErrorCode.StateWrite, `volume ${params.name} not removed: writing the registry failed: ${errorMessage(error)}`, { cause: error });
+      }
+      this.entries.delete(params.name);
+      this.logger.info({ volume: params.name, uuid: entry.record.uuid, disconnected: connected }, 'volume removed');
+      if (entry.volume !== null) {
+        try {
+          await entry.volume.close();
+        } catch (error) {
+          throw new BmError('BM_ERR_DEVICE_CLOSE', `volume ${params.name} was removed, but flushing and closing ${entry.record.device} failed: ${errorMessage(error)}`, { cause: error });
+        }
+      }
+      return { name: params.name, uuid: entry.record.uuid, disconnected: connected };
+    });
+  }
+
+  /** Close every open volume (drain in-flight I/O, flush). Waits for a running change first. */
+  async closeAll(): Promise<void> {
+    await this.exclusive(async () => {
+      this.closed = true;
+    });
+    const closing = [...this.entries.values()].map(async (entry) => {
+      if (entry.volume === null) return;
+      try {
+        await entry.volume.close();
+        this.logger.info({ volume: entry.record.name }, 'volume closed');
+      } catch (error) {
+        this.logger.error({ volume: entry.record.name, err: error }, 'closing volume failed');
+        throw error;
+      }
+    });
+    const results = await Promise.allSettled(closing);
+    const failed = results.filter((result) => result.status === 'rejected');
+    if (failed.length > 0) throw new BmError('BM_ERR_DEVICE_CLOSE', `${failed.length} volume(s) failed to flush and close`);
+  }
+
+  private open(record: VolumeRecord): OpenVolume {
+    const spec: VolumeSpec = { name: record.name, uuid: record.uuid, devicePath: record.device, readOnly: record.readOnly };
+    // Volume adds its own { volume: name } binding.
+    return this.openVolume(spec, this.logger);
+  }
+
+  private get(name: string): Entry {
+    const entry = this.entries.get(name);
+    if (entry === undefined) throw new BmError(ControlErrorCode.VolumeNotFound, `volume ${name} does not exist`);
+    return entry;
+  }
+
+  private records(): VolumeRecord[] {
+    return [...this.entries.values()].map((entry) => entry.record);
+  }
+
+  private persist(records: readonly VolumeRecord[]): void {
+    saveRegistry(this.stateDir, records);
+  }
+
+  private describe(entry: Entry): VolumeInfo {
+    const { record, volume } = entry;
+    const backendInfo = volume?.info();
+    const info: VolumeInfo = {
+      name: record.name,
+      uuid: record.uuid,
+      device: record.device,
+      readOnly: record.readOnly,
+      state: volume === null ? 'error' : 'online',
+      sizeBytes: backendInfo?.sizeBytes ?? null,
+      logicalSectorBytes: backendInfo?.logicalSectorBytes ?? null,
+      physicalSectorBytes: backendInfo?.physicalSectorBytes ?? null,
+      ...this.uris(record.name),
+      connections: volume === null ? 0 : this.connections().connectionCount(record.name),
+    };
+    if (entry.reason !== null) info.reason = entry.reason;
+    return info;
+  }
+
+  /** Run `change` after every earlier change has finished; refuse once closed. */
+  private exclusive<T>(change: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(() => {
+      if (this.closed) throw new BmError(ControlErrorCode.ShuttingDown, 'the daemon is shutting down');
+      return change();
+    });
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+}

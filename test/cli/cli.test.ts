@@ -1,0 +1,98 @@
+// The blockmirror CLI as a user runs it: output formats and exit statuses.
+import path from 'node:path';
+import t from 'tap';
+import { daemonPaths, runCli, startDaemon } from '../helpers/daemon';
+import { scratchDevice } from '../helpers/loop';
+
+const deviceBytes = 8 * 1024 * 1024;
+
+t.test('volume add/list/info/remove and status, human and --json', async (t) => {
+  const daemon = await startDaemon(t);
+  const socket = ['--socket', daemon.paths.controlSocket];
+  const device = scratchDevice(t, deviceBytes);
+
+  const add = await runCli([...socket, 'volume', 'add', 'vol0', '--device', device.path]);
+  t.equal(add.code, 0, add.stderr);
+  t.match(add.stdout, /^name:\s+vol0$/m);
+  t.match(add.stdout, /^state:\s+online$/m);
+  t.match(add.stdout, /^size:\s+8\.0 MiB \(8388608 bytes\)$/m);
+  t.match(add.stdout, new RegExp(`^nbd uri:\\s+nbd\\+unix:///vol0\\?socket=${daemon.paths.nbdSocket}$`, 'm'));
+  t.equal(add.stderr, '');
+
+  // --json after the command, as in the README.
+  const info = await runCli([...socket, 'volume', 'info', 'vol0', '--json']);
+  t.equal(info.code, 0, info.stderr);
+  const infoJson = JSON.parse(info.stdout);
+  t.equal(infoJson.name, 'vol0');
+  t.equal(infoJson.sizeBytes, deviceBytes);
+  t.equal(infoJson.nbdUri, `nbd+unix:///vol0?socket=${daemon.paths.nbdSocket}`);
+  t.equal(infoJson.readOnly, false);
+
+  const listJson = await runCli(['--json', ...socket, 'volume', 'list']);
+  t.same(JSON.parse(listJson.stdout).volumes.map((volume: { uuid: string }) => volume.uuid), [infoJson.uuid]);
+  const list = await runCli([...socket, 'volume', 'list']);
+  t.equal(list.code, 0);
+  const [header, row] = list.stdout.trimEnd().split('\n');
+  t.match(header, /^NAME\s+STATE\s+SIZE\s+MODE\s+CONNECTIONS\s+DEVICE$/);
+  t.match(row, new RegExp(`^vol0\\s+online\\s+8\\.0 MiB\\s+rw\\s+0\\s+${device.path}$`));
+
+  const status = await runCli([...socket, 'status']);
+  t.equal(status.code, 0);
+  t.match(status.stdout, new RegExp(`^pid:\\s+${daemon.pid}$`, 'm'));
+  t.match(status.stdout, /^volumes:\s+1 \(0 in error\)$/m);
+  const statusJson = JSON.parse((await runCli([...socket, '--json', 'status'])).stdout);
+  t.equal(statusJson.pid, daemon.pid);
+
+  const remove = await runCli([...socket, 'volume', 'remove', 'vol0']);
+  t.equal(remove.code, 0, remove.stderr);
+  t.match(remove.stdout, new RegExp(`^removed volume vol0 ${infoJson.uuid}\\n$`));
+  const empty = await runCli([...socket, 'volume', 'list']);
+  t.equal(empty.stdout, 'no volumes\n');
+});
+
+t.test('relative --device paths are resolved by the CLI; --read-only is passed on', async (t) => {
+  const daemon = await startDaemon(t);
+  const device = scratchDevice(t, deviceBytes);
+  const relative = path.relative(process.cwd(), device.path);
+  const add = await runCli(['--socket', daemon.paths.controlSocket, '--json', 'volume', 'add', 'ro', '--device', relative, '--read-only']);
+  t.equal(add.code, 0, add.stderr);
+  const result = JSON.parse(add.stdout);
+  t.equal(result.device, device.path);
+  t.equal(result.readOnly, true);
+});
+
+t.test('daemon errors: exit 1 and "blockmirror: CODE: message" on stderr', async (t) => {
+  const daemon = await startDaemon(t);
+  const socket = ['--socket', daemon.paths.controlSocket];
+  const missing = await runCli([...socket, 'volume', 'info', 'nope']);
+  t.equal(missing.code, 1);
+  t.equal(missing.stdout, '');
+  t.equal(missing.stderr, 'blockmirror: BM_ERR_VOLUME_NOT_FOUND: volume nope does not exist\n');
+  const badName = await runCli([...socket, 'volume', 'add', 'bad/name', '--device', '/dev/null']);
+  t.equal(badName.code, 1);
+  t.match(badName.stderr, /^blockmirror: BM_ERR_INVALID_ARGUMENT: name: /);
+  const noDevice = await runCli([...socket, '--json', 'volume', 'add', 'v', '--device', path.join(daemon.paths.dir, 'absent')]);
+  t.equal(noDevice.code, 1);
+  t.equal(noDevice.stdout, '', '--json prints nothing on stdout for an error');
+  t.match(noDevice.stderr, /^blockmirror: BM_ERR_DEVICE_NOT_FOUND: /);
+});
+
+t.test('usage errors exit 2', async (t) => {
+  for (const args of [[], ['bogus'], ['volume'], ['volume', 'add', 'x'], ['volume', 'info'], ['status', 'extra'], ['--no-such-flag', 'status'], ['--timeout', 'soon', 'status']]) {
+    const result = await runCli(['--socket', '/nonexistent/control.sock', ...args]);
+    t.equal(result.code, 2, `blockmirror ${args.join(' ')}: ${result.stderr}`);
+  }
+  const help = await runCli(['--help']);
+  t.equal(help.code, 0);
+  t.match(help.stdout, /volume/);
+});
+
+t.test('unreachable daemon exits 3 with BM_ERR_DAEMON_UNREACHABLE', async (t) => {
+  const paths = daemonPaths(t);
+  const result = await runCli(['--socket', paths.controlSocket, 'status']);
+  t.equal(result.code, 3);
+  t.match(result.stderr, /^blockmirror: BM_ERR_DAEMON_UNREACHABLE: cannot connect to .*control\.sock: ENOENT/);
+  const jsonResult = await runCli(['--socket', paths.controlSocket, '--json', 'volume', 'list']);
+  t.equal(jsonResult.code, 3);
+  t.equal(jsonResult.stdout, '');
+});

@@ -1,0 +1,82 @@
+// Config file validation and flag precedence (in-process), plus the daemon's exit on a bad file.
+import fs from 'node:fs';
+import path from 'node:path';
+import t from 'tap';
+import { defaults, loadConfigFile, parseHostPort, resolveConfig } from '../../src/config/config';
+import { spawnDaemon } from '../helpers/daemon';
+import { scratchDir } from '../helpers/loop';
+
+t.test('parseHostPort', async (t) => {
+  t.same(parseHostPort('127.0.0.1:10809'), { host: '127.0.0.1', port: 10809 });
+  t.same(parseHostPort('[::1]:0'), { host: '::1', port: 0 });
+  t.same(parseHostPort('localhost:65535'), { host: 'localhost', port: 65535 });
+  for (const bad of ['127.0.0.1', ':10809', '127.0.0.1:65536', 'host:port', '::1:10809', 'a b:1', '']) {
+    t.equal(parseHostPort(bad), null, bad);
+  }
+});
+
+function writeConfig(t: Parameters<typeof scratchDir>[0], content: string): string {
+  const file = path.join(scratchDir(t, 'bm-cfg-'), 'blockmirror.json');
+  fs.writeFileSync(file, content);
+  return file;
+}
+
+t.test('errors name the file and the field', async (t) => {
+  const cases: Array<[string, RegExp]> = [
+    ['{"nbdListen": "nope"}', /^config \/.*blockmirror\.json: nbdListen: expected HOST:PORT$/],
+    ['{"stateDir": "relative"}', /: stateDir: expected an absolute path$/],
+    ['{"logLevel": "loud"}', /: logLevel: /],
+    ['{"controlSocket": 5}', /: controlSocket: /],
+    [`{"nbdSocket": "/${'x'.repeat(120)}"}`, /: nbdSocket: expected at most 107 bytes/],
+    ['{"stateDri": "/x"}', /: stateDri: unknown field$/],
+    ['{"nbdListen": ', /: not valid JSON: /],
+    ['[]', /: \(root\): /],
+  ];
+  for (const [content, expected] of cases) {
+    const file = writeConfig(t, content);
+    t.throws(() => loadConfigFile(file, false), { code: 'BM_ERR_CONFIG', message: expected }, content);
+  }
+});
+
+t.test('a missing file is fine only at the default path', async (t) => {
+  const missing = path.join(scratchDir(t, 'bm-cfg-'), 'absent.json');
+  t.equal(loadConfigFile(missing, true), null);
+  t.throws(() => loadConfigFile(missing, false), { code: 'BM_ERR_CONFIG', message: /cannot read: ENOENT/ });
+});
+
+t.test('flags override the file, the file overrides defaults', async (t) => {
+  const file = writeConfig(t, JSON.stringify({ stateDir: '/srv/bm', nbdListen: '127.0.0.1:10809', logLevel: 'debug', controlSocket: '/run/x/c.sock' }));
+  const fromFile = resolveConfig({ config: file });
+  t.same(fromFile, {
+    controlSocket: '/run/x/c.sock',
+    nbdSocket: defaults.nbdSocket,
+    nbdListen: { host: '127.0.0.1', port: 10809 },
+    stateDir: '/srv/bm',
+    logLevel: 'debug',
+    configPath: file,
+  });
+  const flagged = resolveConfig({ config: file, stateDir: 'rel/state', nbdListen: '[::1]:1', logLevel: 'warn' });
+  t.equal(flagged.stateDir, path.resolve('rel/state'));
+  t.same(flagged.nbdListen, { host: '::1', port: 1 });
+  t.equal(flagged.logLevel, 'warn');
+  t.throws(() => resolveConfig({ config: file, nbdListen: 'x' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: '--nbd-listen: expected HOST:PORT' });
+  t.throws(() => resolveConfig({ config: file, logLevel: 'x' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: /^--log-level: / });
+});
+
+t.test('blockmirrord exits 1 naming the field of a bad config file', async (t) => {
+  const file = writeConfig(t, '{"nbdListen": "no-port"}');
+  const daemon = spawnDaemon(t, { args: ['--config', file] });
+  const exit = await daemon.exited;
+  t.equal(exit.code, 1);
+  t.equal(daemon.stderr, `blockmirrord: BM_ERR_CONFIG: config ${file}: nbdListen: expected HOST:PORT\n`);
+  t.notOk(fs.existsSync(daemon.paths.controlSocket), 'nothing was started');
+});
+
+t.test('blockmirrord exits 2 on a bad flag value and on an unknown flag', async (t) => {
+  const bad = spawnDaemon(t, { args: ['--nbd-listen', 'nonsense'] });
+  t.equal((await bad.exited).code, 2);
+  t.match(bad.stderr, /BM_ERR_INVALID_ARGUMENT: --nbd-listen: expected HOST:PORT/);
+  const unknown = spawnDaemon(t, { args: ['--no-such-flag'] });
+  t.equal((await unknown.exited).code, 2);
+  t.match(unknown.stderr, /unknown option/);
+});

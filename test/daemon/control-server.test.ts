@@ -1,0 +1,239 @@
+// The control protocol's framing and validation, against an in-process ControlServer with
+// handlers that record their calls. Raw sockets, so malformed input can be sent.
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import pino from 'pino';
+import t, { type Test } from 'tap';
+import { ControlClient } from '../../src/control/client';
+import { BmError } from '../../src/control/errors';
+import { controlLineBytesMax, type VolumeInfo } from '../../src/control/protocol';
+import { ControlServer, type ControlHandlers } from '../../src/control/server';
+import { scratchDir } from '../helpers/loop';
+
+const logger = pino({ level: 'silent' });
+
+function fakeVolume(name: string): VolumeInfo {
+  return {
+    name,
+    uuid: '00000000-0000-4000-8000-000000000000',
+    device: '/dev/null',
+    readOnly: false,
+    state: 'online',
+    sizeBytes: 1024,
+    logicalSectorBytes: 512,
+    physicalSectorBytes: 4096,
+    nbdUri: `nbd+unix:///${name}?socket=/x`,
+    connections: 0,
+  };
+}
+
+async function startServer(t: Test) {
+  const dir = scratchDir(t, 'bm-ctl-');
+  const socketPath = path.join(dir, 'control.sock');
+  const calls: Array<{ method: string; params: unknown }> = [];
+  const handlers: ControlHandlers = {
+    'volume.add': async (params) => {
+      calls.push({ method: 'volume.add', params });
+      return fakeVolume(params.name);
+    },
+    'volume.list': async (params) => {
+      calls.push({ method: 'volume.list', params });
+      return { volumes: [] };
+    },
+    'volume.info': async (params) => {
+      calls.push({ method: 'volume.info', params });
+      throw new BmError('BM_ERR_VOLUME_NOT_FOUND', `volume ${params.name} does not exist`);
+    },
+    'volume.remove': async (params) => {
+      calls.push({ method: 'volume.remove', params });
+      throw new Error('boom: a bug in a handler');
+    },
+    status: async () => {
+      calls.push({ method: 'status', params: {} });
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      return { version: 'x', pid: 1, uptimeSeconds: 0, controlSocket: '', nbdSocket: '', nbdListen: null, stateDir: '', volumes: 0, volumesInError: 0, connections: 0, ioEngine: 'x' };
+    },
+  };
+  const server = new ControlServer({ handlers, logger, socketMode: 0o660 });
+  await server.listen(socketPath);
+  t.teardown(() => server.close());
+  return { server, socketPath, calls };
+}
+
+/** Send raw bytes, collect reply lines until `count` arrived or the server hung up. */
+function exchange(socketPath: string, payload: string | Buffer, count: number): Promise<{ replies: any[]; closedByServer: boolean }> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(socketPath);
+    const replies: any[] = [];
+    let buffered = '';
+    let done = false;
+    const finish = (closedByServer: boolean): void => {
+      if (done) return;
+      done = true;
+      socket.destroy();
+      resolve({ replies, closedByServer });
+    };
+    socket.setEncoding('utf8');
+    socket.on('data', (text: string) => {
+      buffered += text;
+      let end: number;
+      while ((end = buffered.indexOf('\n')) !== -1) {
+        replies.push(JSON.parse(buffered.slice(0, end)));
+        buffered = buffered.slice(end + 1);
+      }
+      if (replies.length >= count) setTimeout(() => finish(false), 30);
+    });
+    socket.on('end', () => finish(true));
+    socket.on('close', () => finish(true));
+    socket.on('error', (error) => (done ? undefined : reject(error)));
+    socket.write(payload);
+  });
+}
+
+t.test('socket is created with mode 0660', async (t) => {
+  const { socketPath } = await startServer(t);
+  const stat = fs.statSync(socketPath);
+  t.ok(stat.isSocket());
+  t.equal(stat.mode & 0o777, 0o660);
+});
+
+t.test('a valid request is answered with ok and the same id', async (t) => {
+  const { socketPath, calls } = await startServer(t);
+  const { replies } = await exchange(socketPath, JSON.stringify({ id: 'a1', method: 'volume.add', params: { name: 'vol0', device: '/dev/loop0' } }) + '\n', 1);
+  t.same(replies[0], { id: 'a1', ok: true, result: fakeVolume('vol0') });
+  t.same(calls, [{ method: 'volume.add', params: { name: 'vol0', device: '/dev/loop0' } }]);
+});
+
+t.test('bad JSON gets BM_ERR_BAD_REQUEST with id null and the connection stays usable', async (t) => {
+  const { socketPath } = await startServer(t);
+  const { replies, closedByServer } = await exchange(socketPath, '{not json\n' + JSON.stringify({ id: 2, method: 'volume.list' }) + '\n', 2);
+  t.equal(replies.length, 2);
+  t.equal(replies[0].id, null);
+  t.equal(replies[0].ok, false);
+  t.equal(replies[0].error.code, 'BM_ERR_BAD_REQUEST');
+  t.same(replies[1], { id: 2, ok: true, result: { volumes: [] } });
+  t.notOk(closedByServer);
+});
+
+t.test('envelope errors: not an object, missing method, bad id type, extra field', async (t) => {
+  const { socketPath, calls } = await startServer(t);
+  const lines = ['[1,2]', '{"id":3}', '{"id":{"x":1},"method":"status"}', '{"id":4,"method":"status","extra":true}'];
+  const { replies } = await exchange(socketPath, lines.join('\n') + '\n', 4);
+  t.equal(replies.length, 4);
+  for (const reply of replies) t.equal(reply.error.code, 'BM_ERR_BAD_REQUEST', JSON.stringify(reply));
+  t.equal(replies[1].id, 3, 'a readable id is echoed even when the request is bad');
+  t.match(replies[1].error.message, /method/);
+  t.match(replies[3].error.message, /extra/);
+  t.equal(calls.length, 0);
+});
+
+t.test('unknown method', async (t) => {
+  const { socketPath } = await startServer(t);
+  const { replies } = await exchange(socketPath, '{"id":5,"method":"volume.frobnicate","params":{}}\n', 1);
+  t.same(replies[0].error.code, 'BM_ERR_UNKNOWN_METHOD');
+  t.match(replies[0].error.message, /volume\.frobnicate/);
+  t.equal(replies[0].id, 5);
+});
+
+t.test('invalid params name the field and never reach the handler', async (t) => {
+  const { socketPath, calls } = await startServer(t);
+  const requests = [
+    { id: 1, method: 'volume.add', params: { name: 'bad name!', device: '/dev/loop0' } },
+    { id: 2, method: 'volume.add', params: { name: 'v', device: 'relative/path' } },
+    { id: 3, method: 'volume.add', params: { name: 'v', device: '/dev/loop0', readOnly: 'yes' } },
+    { id: 4, method: 'volume.remove', params: { name: 'v', force: 1 } },
+    { id: 5, method: 'volume.info', params: {} },
+    { id: 6, method: 'volume.info', params: { name: 'v', bogus: 1 } },
+    { id: 7, method: 'volume.add', params: { name: 'x'.repeat(65), device: '/dev/loop0' } },
+  ];
+  const { replies } = await exchange(socketPath, requests.map((r) => JSON.stringify(r)).join('\n') + '\n', requests.length);
+  t.equal(replies.length, requests.length);
+  const expectedField = ['name', 'device', 'readOnly', 'force', 'name', 'bogus', 'name'];
+  replies.forEach((reply, index) => {
+    t.equal(reply.id, index + 1);
+    t.equal(reply.error.code, 'BM_ERR_INVALID_ARGUMENT');
+    t.match(reply.error.message, new RegExp(`^${expectedField[index]}: `), reply.error.message);
+  });
+  t.equal(calls.length, 0);
+});
+
+t.test('handler errors: BmError keeps its code, anything else is BM_ERR_INTERNAL', async (t) => {
+  const { socketPath } = await startServer(t);
+  const { replies } = await exchange(socketPath, '{"id":1,"method":"volume.info","params":{"name":"nope"}}\n{"id":2,"method":"volume.remove","params":{"name":"v"}}\n', 2);
+  t.same(replies[0], { id: 1, ok: false, error: { code: 'BM_ERR_VOLUME_NOT_FOUND', message: 'volume nope does not exist' } });
+  t.equal(replies[1].error.code, 'BM_ERR_INTERNAL');
+});
+
+t.test('pipelined requests are answered in order', async (t) => {
+  const { socketPath } = await startServer(t);
+  const lines = Array.from({ length: 200 }, (_, index) => JSON.stringify({ id: index, method: index % 20 === 0 ? 'status' : 'volume.list' }));
+  const { replies } = await exchange(socketPath, lines.join('\n') + '\n', 200);
+  t.same(replies.map((reply) => reply.id), lines.map((_, index) => index));
+  t.ok(replies.every((reply) => reply.ok));
+});
+
+t.test('a line over the limit gets BM_ERR_LINE_TOO_LONG and the connection is closed', async (t) => {
+  const { socketPath, calls } = await startServer(t);
+  const before = JSON.stringify({ id: 1, method: 'volume.list' }) + '\n';
+  const oversize = Buffer.alloc(controlLineBytesMax + 10, 'a');
+  const { replies, closedByServer } = await exchange(socketPath, Buffer.concat([Buffer.from(before), oversize]), 2);
+  t.equal(replies.length, 2);
+  t.same(replies[0], { id: 1, ok: true, result: { volumes: [] } }, 'the complete line before it is still answered');
+  t.equal(replies[1].id, null);
+  t.equal(replies[1].error.code, 'BM_ERR_LINE_TOO_LONG');
+  t.ok(closedByServer);
+  t.equal(calls.length, 1);
+});
+
+t.test('a line of exactly the limit is accepted (and rejected as JSON, not as too long)', async (t) => {
+  const { socketPath } = await startServer(t);
+  const { replies } = await exchange(socketPath, Buffer.concat([Buffer.alloc(controlLineBytesMax, 'a'), Buffer.from('\n')]), 1);
+  t.equal(replies[0].error.code, 'BM_ERR_BAD_REQUEST');
+});
+
+t.test('ControlClient maps replies and errors', async (t) => {
+  const { socketPath } = await startServer(t);
+  const client = await ControlClient.connect({ socketPath, timeoutMs: 5000 });
+  t.teardown(() => client.close());
+  t.same(await client.request('volume.list', {}), { volumes: [] });
+  await t.rejects(client.request('volume.info', { name: 'nope' }), { code: 'BM_ERR_VOLUME_NOT_FOUND' });
+  await t.rejects(client.request('nope.method', {}), { code: 'BM_ERR_UNKNOWN_METHOD' });
+});
+
+t.test('ControlClient: unreachable socket is BM_ERR_DAEMON_UNREACHABLE', async (t) => {
+  const dir = scratchDir(t, 'bm-ctl-');
+  await t.rejects(ControlClient.connect({ socketPath: path.join(dir, 'absent.sock'), timeoutMs: 1000 }), { code: 'BM_ERR_DAEMON_UNREACHABLE' });
+});
+
+t.test('a second server refuses a live socket path; a stale one is replaced', async (t) => {
+  const { socketPath } = await startServer(t);
+  const second = new ControlServer({ handlers: {} as ControlHandlers, logger, socketMode: 0o660 });
+  await t.rejects(second.listen(socketPath), { code: 'BM_ERR_SOCKET_IN_USE' });
+
+  const dir = scratchDir(t, 'bm-ctl-');
+  const stalePath = path.join(dir, 'stale.sock');
+  // A socket file whose listener is gone (what a SIGKILLed daemon leaves behind).
+  execFileSync('python3', ['-c', 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.close()', stalePath]);
+  t.ok(fs.lstatSync(stalePath).isSocket());
+  const third = new ControlServer({ handlers: {} as ControlHandlers, logger, socketMode: 0o660 });
+  await third.listen(stalePath);
+  t.teardown(() => third.close());
+  t.ok(fs.lstatSync(stalePath).isSocket());
+
+  const regular = path.join(dir, 'regular-file');
+  fs.writeFileSync(regular, 'keep me');
+  const fourth = new ControlServer({ handlers: {} as ControlHandlers, logger, socketMode: 0o660 });
+  await t.rejects(fourth.listen(regular), { code: 'BM_ERR_SOCKET_PATH' });
+  t.equal(fs.readFileSync(regular, 'utf8'), 'keep me');
+});
+
+t.test('close() removes the socket file and answers nothing more', async (t) => {
+  const dir = scratchDir(t, 'bm-ctl-');
+  const socketPath = path.join(dir, 'c.sock');
+  const server = new ControlServer({ handlers: {} as ControlHandlers, logger, socketMode: 0o660 });
+  await server.listen(socketPath);
+  await server.close();
+  t.notOk(fs.existsSync(socketPath));
+});

@@ -1,0 +1,157 @@
+// blockmirrord as a process: start, lock, signals, sd_notify, restart with the registry.
+import fs from 'node:fs';
+import path from 'node:path';
+import t from 'tap';
+import { daemonPaths, haveTool, runTool, spawnDaemon, startDaemon, startNotifyListener } from '../helpers/daemon';
+import { scratchDevice } from '../helpers/loop';
+
+const deviceBytes = 16 * 1024 * 1024;
+const haveQemuIo = haveTool('qemu-io');
+
+t.test('starts, answers status, and SIGTERM exits 0 removing both sockets', async (t) => {
+  const daemon = await startDaemon(t);
+  const { paths } = daemon;
+  const status = await daemon.request('status');
+  t.equal(status.pid, daemon.pid);
+  t.equal(status.controlSocket, paths.controlSocket);
+  t.equal(status.nbdSocket, paths.nbdSocket);
+  t.equal(status.stateDir, paths.stateDir);
+  t.equal(status.volumes, 0);
+  t.equal(status.nbdListen, null);
+  t.type(status.version, 'string');
+  t.type(status.ioEngine, 'string');
+  t.equal(fs.statSync(paths.controlSocket).mode & 0o777, 0o660);
+  t.equal(fs.statSync(paths.nbdSocket).mode & 0o777, 0o660);
+  t.equal(fs.statSync(paths.stateDir).mode & 0o777, 0o750);
+
+  const exit = await daemon.stop('SIGTERM');
+  t.same(exit, { code: 0, signal: null });
+  t.notOk(fs.existsSync(paths.controlSocket), 'control socket removed');
+  t.notOk(fs.existsSync(paths.nbdSocket), 'nbd socket removed');
+  const messages = daemon.logs().map((line) => line.msg);
+  t.ok(messages.includes('ready'));
+  t.ok(messages.includes('stopped'));
+  t.equal(daemon.stderr, '');
+});
+
+t.test('SIGINT also stops cleanly', async (t) => {
+  const daemon = await startDaemon(t);
+  t.same(await daemon.stop('SIGINT'), { code: 0, signal: null });
+});
+
+t.test('a second daemon on the same state dir is refused and the first keeps serving', async (t) => {
+  const first = await startDaemon(t);
+  const other = daemonPaths(t);
+  const second = spawnDaemon(t, { paths: { ...other, stateDir: first.paths.stateDir } });
+  const exit = await second.exited;
+  t.equal(exit.code, 1);
+  t.match(second.stderr, /^blockmirrord: BM_ERR_LOCKED: state dir .* is in use by another blockmirrord/);
+  t.notOk(fs.existsSync(other.controlSocket), 'the refused daemon created no control socket');
+  t.notOk(fs.existsSync(other.nbdSocket), 'the refused daemon created no NBD socket');
+  t.ok(fs.existsSync(first.paths.nbdSocket), "the first daemon's NBD socket is untouched");
+  t.equal((await first.request('status')).pid, first.pid);
+});
+
+t.test('a second daemon on the same control socket is refused without stealing it', async (t) => {
+  const first = await startDaemon(t);
+  const other = daemonPaths(t);
+  const second = spawnDaemon(t, { paths: { ...other, controlSocket: first.paths.controlSocket } });
+  const exit = await second.exited;
+  t.equal(exit.code, 1);
+  t.match(second.stderr, /BM_ERR_SOCKET_IN_USE/);
+  t.equal((await first.request('status')).pid, first.pid, 'first daemon still answers on its socket');
+  t.notOk(fs.existsSync(other.nbdSocket), 'the refused daemon removed the NBD socket it had created');
+});
+
+t.test('sd_notify: READY=1 with STATUS, WATCHDOG=1 pings, STOPPING=1 on SIGTERM', async (t) => {
+  const paths = daemonPaths(t);
+  const notify = await startNotifyListener(t, path.join(paths.dir, 'notify.sock'));
+  const daemon = await startDaemon(t, { paths, env: { NOTIFY_SOCKET: notify.socketPath, WATCHDOG_USEC: '200000' } });
+  const ready = await notify.waitFor((message) => message.includes('READY=1'));
+  t.match(ready, /STATUS=serving 0 volume\(s\)/);
+  await notify.waitFor((message) => message === 'WATCHDOG=1');
+  // Pings keep coming every WATCHDOG_USEC/2 = 100 ms.
+  await new Promise((resolve) => setTimeout(resolve, 350));
+  t.ok(notify.messages().filter((message) => message === 'WATCHDOG=1').length >= 3, 'several watchdog pings');
+  t.same(await daemon.stop('SIGTERM'), { code: 0, signal: null });
+  await notify.waitFor((message) => message.startsWith('STOPPING=1'));
+  const order = notify.messages().filter((message) => message !== 'WATCHDOG=1');
+  t.match(order[0], /^READY=1/);
+  t.match(order[order.length - 1], /^STOPPING=1/);
+});
+
+t.test('WATCHDOG_PID for another process disables pings', async (t) => {
+  const paths = daemonPaths(t);
+  const notify = await startNotifyListener(t, path.join(paths.dir, 'notify.sock'));
+  const daemon = await startDaemon(t, { paths, env: { NOTIFY_SOCKET: notify.socketPath, WATCHDOG_USEC: '100000', WATCHDOG_PID: '1' } });
+  await notify.waitFor((message) => message.includes('READY=1'));
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  t.equal(notify.messages().filter((message) => message === 'WATCHDOG=1').length, 0);
+  await daemon.stop();
+});
+
+t.test('restart keeps volumes (same uuid) and their data', { skip: haveQemuIo ? false : 'qemu-io not installed' }, async (t) => {
+  const device = scratchDevice(t, deviceBytes);
+  const paths = daemonPaths(t);
+  const first = await startDaemon(t, { paths });
+  const added = await first.request('volume.add', { name: 'vol0', device: device.path });
+  t.equal(added.state, 'online');
+  t.equal(added.sizeBytes, deviceBytes);
+  const written = await runTool('qemu-io', ['-f', 'raw', '-c', 'write -P 0xab 0 1M', '-c', 'flush', added.nbdUri]);
+  t.equal(written.code, 0, written.stderr);
+  t.match(written.stdout, /wrote 1048576\/1048576 bytes/);
+  t.same(await first.stop('SIGTERM'), { code: 0, signal: null });
+
+  const registry = JSON.parse(fs.readFileSync(path.join(paths.stateDir, 'volumes.json'), 'utf8'));
+  t.same(registry.volumes.map((volume: { name: string }) => volume.name), ['vol0']);
+
+  const second = await startDaemon(t, { paths });
+  const info = await second.request('volume.info', { name: 'vol0' });
+  t.equal(info.uuid, added.uuid);
+  t.equal(info.state, 'online');
+  t.equal(info.device, device.path);
+  t.equal(info.nbdUri, `nbd+unix:///vol0?socket=${paths.nbdSocket}`);
+  const read = await runTool('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0xab 0 1M', '-c', 'read -P 0 1M 1M', info.nbdUri]);
+  t.equal(read.code, 0, read.stderr);
+  t.notMatch(read.stdout, /Pattern verification failed/);
+  t.match(read.stdout, /read 1048576\/1048576 bytes at offset 0/);
+  t.same(await second.stop('SIGTERM'), { code: 0, signal: null });
+});
+
+t.test('a volume whose device is gone comes back in state error; the daemon still starts', async (t) => {
+  const paths = daemonPaths(t);
+  const kept = scratchDevice(t, deviceBytes);
+  const doomedFile = path.join(paths.dir, 'doomed.img');
+  fs.writeFileSync(doomedFile, '');
+  fs.truncateSync(doomedFile, deviceBytes);
+  const first = await startDaemon(t, { paths });
+  await first.request('volume.add', { name: 'kept', device: kept.path });
+  await first.request('volume.add', { name: 'doomed', device: doomedFile });
+  await first.stop();
+  fs.rmSync(doomedFile);
+
+  const second = await startDaemon(t, { paths });
+  const doomed = await second.request('volume.info', { name: 'doomed' });
+  t.equal(doomed.state, 'error');
+  t.match(doomed.reason, /^BM_ERR_DEVICE_NOT_FOUND: .*doomed\.img: ENOENT \(no such file or directory\)/i);
+  t.equal(doomed.sizeBytes, null);
+  t.equal((await second.request('volume.info', { name: 'kept' })).state, 'online');
+  const status = await second.request('status');
+  t.equal(status.volumes, 2);
+  t.equal(status.volumesInError, 1);
+  // Still removable, and the removal is persisted.
+  await second.request('volume.remove', { name: 'doomed' });
+  const registry = JSON.parse(fs.readFileSync(path.join(paths.stateDir, 'volumes.json'), 'utf8'));
+  t.same(registry.volumes.map((volume: { name: string }) => volume.name), ['kept']);
+  t.same(await second.stop(), { code: 0, signal: null });
+});
+
+t.test('a damaged registry stops the start with BM_ERR_STATE_CORRUPT instead of forgetting volumes', async (t) => {
+  const paths = daemonPaths(t);
+  fs.mkdirSync(paths.stateDir, { recursive: true });
+  fs.writeFileSync(path.join(paths.stateDir, 'volumes.json'), '{"version": 1, "volumes": [{"name": "x"}]}');
+  const daemon = spawnDaemon(t, { paths });
+  t.equal((await daemon.exited).code, 1);
+  t.match(daemon.stderr, /BM_ERR_STATE_CORRUPT: volume registry .*volumes\.json: volumes\[0\]\./);
+  t.notOk(fs.existsSync(paths.controlSocket));
+});

@@ -1,0 +1,63 @@
+// The volume registry file: round trip, atomic replacement, and refusal of damaged files.
+import fs from 'node:fs';
+import path from 'node:path';
+import t from 'tap';
+import { writeFileAtomicSync } from '../../src/daemon/atomic-file';
+import { loadRegistry, registryPath, saveRegistry, type VolumeRecord } from '../../src/daemon/registry';
+import { scratchDir } from '../helpers/loop';
+
+const record: VolumeRecord = {
+  name: 'vol0',
+  uuid: '3f2b8a5e-9c1d-4e7f-8a6b-1c2d3e4f5a6b',
+  device: '/dev/loop0',
+  readOnly: false,
+  createdAt: '2026-01-01T00:00:00.000Z',
+};
+
+t.test('missing registry is empty; save then load round-trips', async (t) => {
+  const dir = scratchDir(t, 'bm-reg-');
+  t.same(loadRegistry(dir), []);
+  saveRegistry(dir, [record, { ...record, name: 'vol1', uuid: '4f2b8a5e-9c1d-4e7f-8a6b-1c2d3e4f5a6b', readOnly: true }]);
+  const loaded = loadRegistry(dir);
+  t.equal(loaded.length, 2);
+  t.same(loaded[0], record);
+  const onDisk = JSON.parse(fs.readFileSync(registryPath(dir), 'utf8'));
+  t.equal(onDisk.version, 1);
+  t.equal(fs.statSync(registryPath(dir)).mode & 0o777, 0o640);
+  t.same(fs.readdirSync(dir), ['volumes.json'], 'no temp file left behind');
+});
+
+t.test('damaged registries are refused with BM_ERR_STATE_CORRUPT naming the problem', async (t) => {
+  const cases: Array<[string, RegExp]> = [
+    ['{', /not valid JSON/],
+    ['{"version": 2, "volumes": []}', /version 2 is not supported/],
+    ['{"version": 1}', /volumes: /],
+    [JSON.stringify({ version: 1, volumes: [{ ...record, uuid: 'nope' }] }), /volumes\[0\]\.uuid: /],
+    [JSON.stringify({ version: 1, volumes: [record, record] }), /appears twice/],
+    [JSON.stringify({ version: 1, volumes: [{ ...record, name: 'a/b' }] }), /volumes\[0\]\.name/],
+  ];
+  for (const [content, expected] of cases) {
+    const dir = scratchDir(t, 'bm-reg-');
+    fs.writeFileSync(registryPath(dir), content);
+    t.throws(() => loadRegistry(dir), { code: 'BM_ERR_STATE_CORRUPT', message: expected }, content);
+  }
+});
+
+t.test('saveRegistry refuses to write what loadRegistry would refuse', async (t) => {
+  const dir = scratchDir(t, 'bm-reg-');
+  t.throws(() => saveRegistry(dir, [{ ...record, device: 'relative' }]));
+  t.notOk(fs.existsSync(registryPath(dir)));
+});
+
+t.test('writeFileAtomicSync replaces the whole file and cleans up on failure', async (t) => {
+  const dir = scratchDir(t, 'bm-reg-');
+  const target = path.join(dir, 'f.json');
+  writeFileAtomicSync(target, 'old', 0o600);
+  writeFileAtomicSync(target, 'new content', 0o600);
+  t.equal(fs.readFileSync(target, 'utf8'), 'new content');
+  // Renaming over a directory fails: the temp file must not be left behind.
+  const blocked = path.join(dir, 'dir-target');
+  fs.mkdirSync(path.join(blocked, 'child'), { recursive: true });
+  t.throws(() => writeFileAtomicSync(blocked, 'x', 0o600));
+  t.same(fs.readdirSync(dir).sort(), ['dir-target', 'f.json']);
+});
