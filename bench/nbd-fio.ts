@@ -1,0 +1,177 @@
+// NBD data-path benchmark: fio's nbd engine against blockmirrord and against
+// `qemu-nbd --cache=none --aio=native`, both exporting the same tmpfs-backed loop device, in the
+// same run, alternating job by job. Prints each figure and the ratio blockmirrord/qemu-nbd and
+// writes the JSON to bench/results/. Needs root (losetup), fio, qemu-nbd.
+//
+//   npm run bench                      # defaults: 5 s per job, 3 rounds, 1 GiB device
+//   BENCH_RUNTIME=10 BENCH_ROUNDS=3 npm run bench
+import { ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+
+interface Job {
+  name: string;
+  rw: 'randwrite' | 'randread' | 'write' | 'read';
+  blockSize: string;
+  ioDepth: number;
+  /** What the table shows: IOPS for small blocks, MB/s for large. */
+  unit: 'IOPS' | 'MB/s';
+}
+
+interface Figure {
+  value: number;
+  p50LatencyUs: number;
+}
+
+const jobs: Job[] = [
+  { name: '4k randwrite QD1', rw: 'randwrite', blockSize: '4k', ioDepth: 1, unit: 'IOPS' },
+  { name: '4k randwrite QD32', rw: 'randwrite', blockSize: '4k', ioDepth: 32, unit: 'IOPS' },
+  { name: '4k randread QD1', rw: 'randread', blockSize: '4k', ioDepth: 1, unit: 'IOPS' },
+  { name: '4k randread QD32', rw: 'randread', blockSize: '4k', ioDepth: 32, unit: 'IOPS' },
+  { name: '1M seqwrite QD8', rw: 'write', blockSize: '1M', ioDepth: 8, unit: 'MB/s' },
+  { name: '1M seqread QD8', rw: 'read', blockSize: '1M', ioDepth: 8, unit: 'MB/s' },
+];
+
+const repoRoot = resolve(__dirname, '..', '..');
+const runtimeSeconds = Number(process.env.BENCH_RUNTIME ?? 5);
+const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
+const deviceBytes = Number(process.env.BENCH_DEVICE_MIB ?? 1024) * 1024 * 1024;
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+async function waitForPath(path: string, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!existsSync(path)) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${path}`);
+    await sleep(50);
+  }
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+function runFio(uri: string, job: Job, outputFile: string): Figure {
+  execFileSync(
+    'fio',
+    [
+      '--name=bench',
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      `--rw=${job.rw}`,
+      `--bs=${job.blockSize}`,
+      `--iodepth=${job.ioDepth}`,
+      '--time_based',
+      `--runtime=${runtimeSeconds}`,
+      '--ramp_time=1',
+      '--output-format=json',
+      `--output=${outputFile}`,
+    ],
+    { stdio: ['ignore', 'ignore', 'inherit'] },
+  );
+  const report = JSON.parse(readFileSync(outputFile, 'utf8'));
+  const side = job.rw.includes('write') ? report.jobs[0].write : report.jobs[0].read;
+  const value = job.unit === 'IOPS' ? side.iops : side.bw_bytes / 1e6;
+  const p50LatencyUs = side.clat_ns.percentile['50.000000'] / 1000;
+  return { value, p50LatencyUs };
+}
+
+async function main(): Promise<void> {
+  if (process.getuid?.() !== 0) throw new Error('the benchmark needs root (losetup)');
+  const work = mkdtempSync('/dev/shm/bm-bench-');
+  const backing = join(work, 'device.img');
+  writeFileSync(backing, '');
+  truncateSync(backing, deviceBytes);
+  // Fill once so reads hit allocated tmpfs pages for both servers alike.
+  execFileSync('dd', [`if=/dev/zero`, `of=${backing}`, 'bs=1M', `count=${deviceBytes / 1048576}`, 'conv=notrunc', 'status=none']);
+  const loop = execFileSync('losetup', ['--direct-io=on', '-f', '--show', backing], { encoding: 'utf8' }).trim();
+  const children: ChildProcess[] = [];
+  const cleanup = (): void => {
+    for (const child of children) if (child.exitCode === null) child.kill('SIGTERM');
+  };
+  try {
+    const controlSocket = join(work, 'control.sock');
+    const nbdSocket = join(work, 'nbd.sock');
+    const daemon = spawn(
+      process.execPath,
+      [join(repoRoot, 'bin/blockmirrord.js'), '--control-socket', controlSocket, '--nbd-socket', nbdSocket,
+        '--state-dir', join(work, 'state'), '--log-level', 'warn'],
+      { stdio: ['ignore', 'ignore', 'inherit'] },
+    );
+    children.push(daemon);
+    await waitForPath(controlSocket, 10000);
+    execFileSync(process.execPath, [join(repoRoot, 'bin/blockmirror.js'), '--socket', controlSocket, 'volume', 'add', 'bench', '--device', loop]);
+
+    const qemuSocket = join(work, 'qemu.sock');
+    const qemu = spawn('qemu-nbd', ['-t', '-k', qemuSocket, '-f', 'raw', '-x', 'bench', '--cache=none', '--aio=native', '--discard=unmap', loop], {
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
+    children.push(qemu);
+    await waitForPath(qemuSocket, 10000);
+
+    const servers = {
+      blockmirrord: `nbd+unix:///bench?socket=${nbdSocket}`,
+      'qemu-nbd': `nbd+unix:///bench?socket=${qemuSocket}`,
+    };
+    const samples: Record<string, Record<string, Figure[]>> = {};
+    for (const job of jobs) {
+      samples[job.name] = { blockmirrord: [], 'qemu-nbd': [] };
+      for (let round = 0; round < rounds; round++) {
+        // Alternate which server goes first so drift in the machine affects both alike.
+        const order = round % 2 === 0 ? (['blockmirrord', 'qemu-nbd'] as const) : (['qemu-nbd', 'blockmirrord'] as const);
+        for (const server of order) {
+          const figure = runFio(servers[server], job, join(work, 'fio.json'));
+          samples[job.name][server].push(figure);
+          process.stderr.write(`  ${job.name} ${server}: ${figure.value.toFixed(0)} ${job.unit}, p50 ${figure.p50LatencyUs.toFixed(1)} us\n`);
+        }
+      }
+    }
+
+    const rows = jobs.map((job) => {
+      const ours = samples[job.name].blockmirrord;
+      const theirs = samples[job.name]['qemu-nbd'];
+      const oursValue = median(ours.map((f) => f.value));
+      const theirsValue = median(theirs.map((f) => f.value));
+      return {
+        job: job.name,
+        unit: job.unit,
+        blockmirrord: oursValue,
+        qemuNbd: theirsValue,
+        ratio: oursValue / theirsValue,
+        blockmirrordP50Us: median(ours.map((f) => f.p50LatencyUs)),
+        qemuNbdP50Us: median(theirs.map((f) => f.p50LatencyUs)),
+      };
+    });
+    console.log(`\nmedians of ${rounds} rounds x ${runtimeSeconds} s, tmpfs-backed loop (${deviceBytes / 1048576} MiB, direct-io=on)\n`);
+    console.log('| job | blockmirrord | qemu-nbd | ratio | p50 us (bm / qemu) |');
+    console.log('|---|---|---|---|---|');
+    for (const row of rows) {
+      console.log(
+        `| ${row.job} | ${row.blockmirrord.toFixed(0)} ${row.unit} | ${row.qemuNbd.toFixed(0)} ${row.unit} | ${row.ratio.toFixed(2)}x | ${row.blockmirrordP50Us.toFixed(1)} / ${row.qemuNbdP50Us.toFixed(1)} |`,
+      );
+    }
+    const resultsDir = join(repoRoot, 'bench', 'results');
+    mkdirSync(resultsDir, { recursive: true });
+    const file = join(resultsDir, `nbd-fio-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
+    writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), runtimeSeconds, rounds, deviceBytes, rows, samples }, null, 2));
+    console.log(`\nwrote ${file}`);
+  } finally {
+    cleanup();
+    await sleep(500);
+    try {
+      execFileSync('losetup', ['-d', loop]);
+    } catch (error) {
+      console.error(`losetup -d ${loop}: ${(error as Error).message}`);
+    }
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+main().catch((error) => {
+  console.error(error);
+  process.exit(1);
+});
