@@ -41,7 +41,8 @@ export function isMethodName(method: string): method is MethodName {
   return Object.prototype.hasOwnProperty.call(paramsSchemas, method);
 }
 
-export type VolumeState = 'online' | 'error';
+/** online: serving; error: the device could not be opened; failed: a device write or flush failed, so writes and flushes are refused until the volume is removed and added again. */
+export type VolumeState = 'online' | 'error' | 'failed';
 
 /** One volume as volume.info, volume.list and volume.add report it. */
 export interface VolumeInfo {
@@ -50,7 +51,7 @@ export interface VolumeInfo {
   device: string;
   readOnly: boolean;
   state: VolumeState;
-  /** Why the volume is in state 'error' (errno code and text); absent when online. */
+  /** Why the volume is in state 'error' or 'failed'; absent when online. */
   reason?: string;
   /** null while the device is not open (state 'error'). */
   sizeBytes: number | null;

@@ -17,6 +17,8 @@ import { saveRegistry, volumesMax, type VolumeRecord } from './registry';
 /** The part of an open volume the manager needs; src/volume/volume.ts's Volume satisfies it. */
 export interface OpenVolume extends BlockBackend {
   close(): Promise<void>;
+  /** Set once a device write or flush failed (see Volume.failure). */
+  failure(): { code: string; message: string } | undefined;
 }
 
 export type OpenVolumeFn = (spec: VolumeSpec, logger: Logger) => OpenVolume;
@@ -264,7 +266,7 @@ export class VolumeManager {
       uuid: record.uuid,
       device: record.device,
       readOnly: record.readOnly,
-      state: volume === null ? 'error' : 'online',
+      state: volume === null ? 'error' : volume.failure() !== undefined ? 'failed' : 'online',
       sizeBytes: backendInfo?.sizeBytes ?? null,
       logicalSectorBytes: backendInfo?.logicalSectorBytes ?? null,
       physicalSectorBytes: backendInfo?.physicalSectorBytes ?? null,
@@ -272,6 +274,8 @@ export class VolumeManager {
       connections: volume === null ? 0 : this.connections().connectionCount(record.name),
     };
     if (entry.reason !== null) info.reason = entry.reason;
+    const failure = volume?.failure();
+    if (failure !== undefined) info.reason = failure.message;
     return info;
   }
 

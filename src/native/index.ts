@@ -134,7 +134,19 @@ export function allocAligned(sizeBytes: number, alignBytes: number = DEFAULT_ALI
   if (alignBytes < 8 || (alignBytes & (alignBytes - 1)) !== 0) {
     throw new RangeError(`alignBytes must be a power of two >= 8, got ${alignBytes}`);
   }
-  return addon.allocAligned(sizeBytes, alignBytes);
+  const buffer: Buffer = addon.allocAligned(sizeBytes, alignBytes);
+  alignedBlocks.set(buffer.buffer, alignBytes);
+  return buffer;
+}
+
+// The alignment of every block allocAligned made, by its ArrayBuffer (weak: blocks still die).
+const alignedBlocks = new WeakMap<ArrayBufferLike, number>();
+
+/** Whether O_DIRECT can take `buffer` as it is: memory from allocAligned (or a BufferPool),
+ *  starting at a multiple of alignBytes. Lets callers skip a copy into an aligned buffer. */
+export function isAlignedBuffer(buffer: Buffer, alignBytes: number): boolean {
+  const blockAlignBytes = alignedBlocks.get(buffer.buffer);
+  return blockAlignBytes !== undefined && blockAlignBytes >= alignBytes && buffer.byteOffset % alignBytes === 0;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 // (replication, dirty bitmaps) hook in here, because every write of every client passes through.
 import assert from 'node:assert';
 import type { Logger } from 'pino';
-import { BlockFile, BufferPool } from '../native/index';
+import { statfsSync, statSync, readFileSync } from 'node:fs';
+import { BlockFile, BufferPool, isAlignedBuffer } from '../native/index';
 import type { BlockFileInfo } from '../native/types';
 import type {
   AllocationRun,
@@ -15,7 +16,7 @@ import type {
   ReadResult,
   WriteZeroesOptions,
 } from './backend';
-import { RangeLock } from './range-lock';
+import { RangeLock, RangeLockHandle } from './range-lock';
 
 export interface VolumeSpec {
   name: string;
@@ -69,6 +70,12 @@ export class Volume implements BlockBackend {
   private inFlightOps = 0;
   private drainWaiters: Array<() => void> = [];
   private closing: Promise<void> | undefined;
+  /** Set when a write or flush failed on the device: what was acknowledged before may not be
+   *  durable, and a later flush cannot make it so (the kernel forgets a failed writeback). The
+   *  volume then refuses writes and flushes until an operator removes and re-adds it. */
+  private failedError: VolumeError | undefined;
+  /** Whether the device zeroes a range without writing the zeroes (NBD FAST_ZERO). */
+  private readonly zeroIsFast: { mayDeallocate: boolean; noHole: boolean };
 
   private constructor(spec: VolumeSpec, file: BlockFile, logger: Logger) {
     this.spec = spec;
@@ -83,6 +90,7 @@ export class Volume implements BlockBackend {
       readOnly: spec.readOnly,
       canTrim: true,
     };
+    this.zeroIsFast = probeFastZero(file.info);
     this.pool = new BufferPool({ maxPooledBytes: pooledBytesMax, alignBytes: Math.max(4096, this.sectorBytes) });
     this.logger = logger.child({ volume: spec.name });
   }
@@ -90,6 +98,13 @@ export class Volume implements BlockBackend {
   /** Opens the device O_DIRECT, exclusively (block devices), read-only when the spec says so. */
   static open(spec: VolumeSpec, logger: Logger): Volume {
     const file = BlockFile.open(spec.devicePath, { readOnly: spec.readOnly, exclusive: true });
+    if (file.info.sizeBytes % file.info.logicalSectorBytes !== 0 || file.info.sizeBytes === 0) {
+      void file.close();
+      throw new VolumeError(
+        'BM_ERR_DEVICE_SIZE',
+        `${spec.devicePath}: size ${file.info.sizeBytes} is not a positive multiple of the ${file.info.logicalSectorBytes}-byte sector`,
+      );
+    }
     const volume = new Volume(spec, file, logger);
     volume.logger.info(
       { device: spec.devicePath, sizeBytes: file.info.sizeBytes, sectorBytes: file.info.logicalSectorBytes, engine: file.engine },
@@ -108,6 +123,11 @@ export class Volume implements BlockBackend {
 
   stats(): VolumeStats {
     return { ...this.counters, inFlightOps: this.inFlightOps };
+  }
+
+  /** The device error that put this volume in the failed state, if any. */
+  failure(): { code: string; message: string } | undefined {
+    return this.failedError === undefined ? undefined : { code: this.failedError.code, message: this.failedError.message };
   }
 
   async read(offsetBytes: number, lengthBytes: number): Promise<ReadResult> {
@@ -139,27 +159,27 @@ export class Volume implements BlockBackend {
     };
   }
 
-  async write(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
-    this.checkWritable();
-    this.checkRange(offsetBytes, data.length);
-    this.begin();
+  write(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
     try {
-      if (this.isAligned(offsetBytes, data.length)) {
-        await this.writeAligned(offsetBytes, data, fua);
-      } else {
-        await this.readModifyWrite(offsetBytes, data.length, fua, (span, headBytes) => data.copy(span, headBytes));
-      }
-    } finally {
-      this.end();
+      this.checkWritable();
+      this.checkRange(offsetBytes, data.length);
+    } catch (error) {
+      return Promise.reject(error);
     }
+    this.begin();
     this.counters.writeOps++;
     this.counters.writeBytes += data.length;
+    if (this.isAligned(offsetBytes, data.length)) return this.writeAligned(offsetBytes, data, fua);
+    return this.readModifyWrite(offsetBytes, data.length, fua, (span, headBytes) => data.copy(span, headBytes))
+      .catch(this.failOnDeviceError)
+      .finally(this.endOp);
   }
 
   async flush(): Promise<void> {
+    this.checkNotFailed();
     this.begin();
     try {
-      await this.file.flush();
+      await this.file.flush().catch(this.failOnDeviceError);
     } finally {
       this.end();
     }
@@ -178,10 +198,13 @@ export class Volume implements BlockBackend {
       const lock = await this.rangeLock.acquire(startBytes, endBytes, false);
       try {
         await this.file.discard(startBytes, endBytes - startBytes);
+      } catch (error) {
+        // TRIM is advisory: a device without discard support simply keeps the data.
+        if (!isUnsupported(error)) throw error;
       } finally {
         this.rangeLock.release(lock);
       }
-      if (fua) await this.file.flush();
+      if (fua) await this.file.flush().catch(this.failOnDeviceError);
     } finally {
       this.end();
     }
@@ -190,6 +213,10 @@ export class Volume implements BlockBackend {
   async writeZeroes(offsetBytes: number, lengthBytes: number, options: WriteZeroesOptions): Promise<void> {
     this.checkWritable();
     this.checkRange(offsetBytes, lengthBytes);
+    if (options.fastZero && !(options.noHole ? this.zeroIsFast.noHole : this.zeroIsFast.mayDeallocate)) {
+      // NBD: without a fast way to zero, FAST_ZERO must fail at once so the client writes instead.
+      throw new VolumeError('ENOTSUP', `${this.spec.devicePath}: cannot zero ranges without writing them`);
+    }
     this.begin();
     try {
       const middleStartBytes = this.alignUp(offsetBytes);
@@ -209,6 +236,8 @@ export class Volume implements BlockBackend {
         );
       }
       if (options.fua) await this.file.flush();
+    } catch (error) {
+      this.failOnDeviceError(error);
     } finally {
       this.end();
     }
@@ -244,24 +273,42 @@ export class Volume implements BlockBackend {
   close(): Promise<void> {
     this.closing ??= (async () => {
       await this.drain();
-      if (!this.spec.readOnly) await this.file.flush();
-      await this.file.close();
-      this.logger.info(this.stats(), 'volume closed');
+      try {
+        if (!this.spec.readOnly && this.failedError === undefined) await this.file.flush();
+      } finally {
+        // Even when the final flush fails, the exclusive descriptor must go, or the device stays
+        // busy until the daemon exits.
+        await this.file.close();
+        this.logger.info(this.stats(), 'volume closed');
+      }
     })();
     return this.closing;
   }
 
-  private async writeAligned(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
-    const buffer = this.pool.acquire(data.length);
-    data.copy(buffer);
+  /** The hot path: no async frames, one copy into an aligned buffer, one native write. When no
+   *  read-modify-write holds or awaits an overlapping range, the range lock grants at once. */
+  private writeAligned(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
+    // Aligned pooled memory (an NBD payload assembled across socket reads) goes to the device as
+    // it is; anything else is copied once into an aligned buffer.
+    const direct = isAlignedBuffer(data, this.pool.alignBytes);
+    const buffer = direct ? data : this.pool.acquire(data.length);
+    if (!direct) data.copy(buffer);
     const lock = this.rangeLock.acquire(offsetBytes, offsetBytes + data.length, false);
-    const held = lock instanceof Promise ? await lock : lock;
-    try {
-      await this.file.write(buffer, offsetBytes, fua);
-    } finally {
-      this.rangeLock.release(held);
-      this.pool.release(buffer);
-    }
+    const write = (held: RangeLockHandle): Promise<void> =>
+      this.file.write(buffer, offsetBytes, fua).then(
+        () => {
+          this.rangeLock.release(held);
+          if (!direct) this.pool.release(buffer);
+          this.end();
+        },
+        (error: unknown) => {
+          this.rangeLock.release(held);
+          if (!direct) this.pool.release(buffer);
+          this.end();
+          this.failOnDeviceError(error);
+        },
+      );
+    return lock instanceof Promise ? lock.then(write) : write(lock);
   }
 
   /** Reads the sector span around [offset, offset+length), lets `modify` change the bytes, and
@@ -314,7 +361,23 @@ export class Volume implements BlockBackend {
     }
   }
 
+  private checkNotFailed(): void {
+    if (this.failedError !== undefined) throw this.failedError;
+  }
+
+  /** Marks the volume failed on a device error (not on validation errors) and rethrows. */
+  private readonly failOnDeviceError = (error: unknown): never => {
+    const code = (error as { code?: unknown }).code;
+    const syscall = (error as { syscall?: unknown }).syscall;
+    if (this.failedError === undefined && typeof syscall === 'string' && syscall !== '' && typeof code === 'string' && !code.startsWith('BM_ERR_')) {
+      this.failedError = new VolumeError('EIO', `volume ${this.spec.name} failed: ${(error as Error).message}; writes and flushes are refused until it is removed and added again`);
+      this.logger.error({ err: error }, 'device write or flush failed; volume marked failed');
+    }
+    throw error;
+  };
+
   private checkWritable(): void {
+    this.checkNotFailed();
     if (this.spec.readOnly) throw new VolumeError('EPERM', `volume ${this.spec.name} is read-only`);
     if (this.closing !== undefined) throw new VolumeError('ESHUTDOWN', `volume ${this.spec.name} is closing`);
   }
@@ -339,6 +402,8 @@ export class Volume implements BlockBackend {
     return remainder === 0 ? bytes : bytes + this.sectorBytes - remainder;
   }
 
+  private readonly endOp = (): void => this.end();
+
   private begin(): void {
     this.inFlightOps++;
   }
@@ -351,5 +416,37 @@ export class Volume implements BlockBackend {
       this.drainWaiters = [];
       for (const resolve of waiters) resolve();
     }
+  }
+}
+
+function isUnsupported(error: unknown): boolean {
+  const code = (error as { code?: unknown }).code;
+  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOTTY';
+}
+
+// statfs(2) magic numbers of file systems whose fallocate modes zero without writing.
+const EXT4_SUPER_MAGIC = 0xef53;
+const XFS_SUPER_MAGIC = 0x58465342;
+const TMPFS_MAGIC = 0x01021994;
+const BTRFS_SUPER_MAGIC = 0x9123683e;
+
+/** Whether zeroing is an offload rather than written zeroes. Block devices: the queue has a
+ *  write-zeroes limit (BLKZEROOUT falls back to writing otherwise). Files: the file system
+ *  implements fallocate PUNCH_HOLE (deallocating) and ZERO_RANGE (keeping blocks allocated). */
+function probeFastZero(info: { path: string; isBlockDevice: boolean }): { mayDeallocate: boolean; noHole: boolean } {
+  try {
+    if (info.isBlockDevice) {
+      const rdev = statSync(info.path).rdev;
+      const major = Math.floor(rdev / 256) & 0xfff;
+      const minor = (rdev & 0xff) | (Math.floor(rdev / 2 ** 12) & ~0xff);
+      const limit = Number(readFileSync(`/sys/dev/block/${major}:${minor}/queue/write_zeroes_max_bytes`, 'utf8').trim());
+      return { mayDeallocate: limit > 0, noHole: limit > 0 };
+    }
+    const type = statfsSync(info.path).type;
+    const punchHole = [EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, TMPFS_MAGIC, BTRFS_SUPER_MAGIC].includes(type);
+    const zeroRange = [EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC].includes(type);
+    return { mayDeallocate: punchHole, noHole: zeroRange };
+  } catch {
+    return { mayDeallocate: false, noHole: false };
   }
 }
