@@ -37,6 +37,13 @@ const runtimeSeconds = Number(process.env.BENCH_RUNTIME ?? 5);
 const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
 const deviceBytes = Number(process.env.BENCH_DEVICE_MIB ?? 1024) * 1024 * 1024;
 
+/** The node flags the daemon's own shebang asks for, so the benchmark runs what users run. */
+function daemonNodeFlags(): string[] {
+  const shebang = readFileSync(join(repoRoot, 'bin/blockmirrord.js'), 'utf8').split('\n')[0];
+  const match = /^#!\/usr\/bin\/env -S node(.*)$/.exec(shebang);
+  return match === null ? [] : match[1].trim().split(/\s+/).filter((flag) => flag !== '');
+}
+
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
@@ -98,7 +105,7 @@ async function main(): Promise<void> {
     const nbdSocket = join(work, 'nbd.sock');
     const daemon = spawn(
       process.execPath,
-      [join(repoRoot, 'bin/blockmirrord.js'), '--control-socket', controlSocket, '--nbd-socket', nbdSocket,
+      [...daemonNodeFlags(), join(repoRoot, 'bin/blockmirrord.js'), '--control-socket', controlSocket, '--nbd-socket', nbdSocket,
         '--state-dir', join(work, 'state'), '--log-level', 'warn'],
       { stdio: ['ignore', 'ignore', 'inherit'] },
     );

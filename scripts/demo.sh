@@ -30,7 +30,7 @@ fi
 echo "== device: $device (256 MiB)"
 
 bm() { node bin/blockmirror.js --socket "$work/control.sock" "$@"; }
-node bin/blockmirrord.js --control-socket "$work/control.sock" --nbd-socket "$work/nbd.sock" \
+bin/blockmirrord.js --control-socket "$work/control.sock" --nbd-socket "$work/nbd.sock" \
   --state-dir "$work/state" --log-level warn &
 daemon_pid=$!
 for _ in $(seq 100); do [ -S "$work/control.sock" ] && break; sleep 0.1; done
