@@ -35,21 +35,19 @@ export function scratchDevice(
 ): ScratchDevice {
   const dir = options.dir ?? mkdtempSync(join(isRoot ? '/var/tmp' : tmpdir(), 'bm-dev-'));
   const backingFile = join(dir, 'device.img');
+  // Registered first, so a failing losetup still removes the directory. Teardowns run in
+  // reverse order: the loop device (registered below) is detached before this runs.
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
   writeFileSync(backingFile, '');
   truncateSync(backingFile, sizeBytes);
   if (!isRoot || options.forceFile) {
-    t.teardown(() => rmSync(dir, { recursive: true, force: true }));
     return { path: backingFile, backingFile, isLoop: false, sizeBytes };
   }
   const args = ['--direct-io=on', '-f', '--show'];
   if (options.sectorBytes !== undefined) args.push('--sector-size', String(options.sectorBytes));
   const loop = execFileSync('losetup', [...args, backingFile], { encoding: 'utf8' }).trim();
   t.teardown(() => {
-    try {
-      execFileSync('losetup', ['-d', loop]);
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    execFileSync('losetup', ['-d', loop]);
   });
   return { path: loop, backingFile, isLoop: true, sizeBytes };
 }

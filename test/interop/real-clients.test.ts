@@ -10,6 +10,7 @@ import { promisify } from 'node:util';
 import pino from 'pino';
 import { NbdServer } from '../../src/nbd/server';
 import { Volume } from '../../src/volume/volume';
+import { deviceFlushCount } from '../helpers/block-stat';
 import { scratchDevice, scratchDir } from '../helpers/loop';
 
 const run = promisify(execFile);
@@ -75,6 +76,23 @@ t.test('qemu-io patterns, unaligned I/O and qemu-img compare against the device'
   t.equal(backing[1048577 + 4095], 0, 'byte after the unaligned write untouched');
   // The device itself, read by qemu-img, equals what the NBD export serves.
   await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', uri, device.path]);
+});
+
+t.test('NBD FUA writes and FLUSH from libnbd reach the device before the reply', async (t) => {
+  // Debian's python3 (python3-libnbd's module is there, not in a pyenv python on PATH).
+  const python = '/usr/bin/python3';
+  if (!(await run(python, ['-c', 'import nbd']).then(() => true, () => false))) return t.skip('python3-libnbd not installed');
+  const { device, uri } = await startStack(t);
+  if (!device.isLoop) return t.skip('flush statistics need a block device (root)');
+  // libnbd sends exactly the commands asked for (qemu-io would also flush when it closes).
+  const counts = async (code: string): Promise<number> => {
+    const before = deviceFlushCount(device.path);
+    await run(python, ['-c', `import nbd\nh = nbd.NBD()\nh.connect_uri(${JSON.stringify(uri)})\n${code}\nh.shutdown()`]);
+    return deviceFlushCount(device.path) - before;
+  };
+  t.equal(await counts('h.pwrite(b"\\x07" * 65536, 0)'), 0, 'a plain write issues no flush');
+  t.ok((await counts('h.pwrite(b"\\x08" * 65536, 65536, nbd.CMD_FLAG_FUA)')) > 0, 'a FUA write is flushed');
+  t.ok((await counts('h.flush()')) > 0, 'FLUSH reaches the device');
 });
 
 t.test('nbdinfo --list and --map', async (t) => {

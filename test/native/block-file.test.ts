@@ -8,6 +8,7 @@ import {
   type IoEngine,
   NativeError,
 } from '../../src/native/index';
+import { deviceFlushCount } from '../helpers/block-stat';
 import { isRoot, loopDevice, prng, sparseFile } from './fixtures';
 
 const SIZE_BYTES = 16 * 1024 * 1024;
@@ -79,9 +80,19 @@ for (const target of targets) {
       });
 
       tt.test('fua writes and flush', async (ttt) => {
+        // On a block device the block layer counts flushes: proof that FUA and fdatasync reach
+        // stable storage, which reading the data back could never show.
+        const isDevice = file.info.isBlockDevice;
+        const flushes = (): number => (isDevice ? deviceFlushCount(file.info.path) : 0);
+        const start = flushes();
         const source = pattern(65536, 99);
         await file.write(source, 2 * 1024 * 1024, true);
+        const afterFua = flushes();
         await file.flush();
+        if (isDevice) {
+          ttt.ok(afterFua > start, 'FUA write issued a device flush');
+          ttt.ok(flushes() > afterFua, 'flush issued a device flush');
+        }
         const back = allocAligned(65536);
         await file.read(back, 2 * 1024 * 1024);
         ttt.ok(source.equals(back));
