@@ -2,7 +2,7 @@
 // native addon -> loop device (a file when not root). Clients run as child processes started
 // asynchronously so the in-process server keeps serving.
 import t from 'tap';
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -11,7 +11,7 @@ import pino from 'pino';
 import { NbdServer } from '../../src/nbd/server';
 import { Volume } from '../../src/volume/volume';
 import { deviceFlushCount } from '../helpers/block-stat';
-import { scratchDevice, scratchDir } from '../helpers/loop';
+import { isRoot, scratchDevice, scratchDir } from '../helpers/loop';
 
 const run = promisify(execFile);
 const logger = pino({ level: 'silent' });
@@ -21,12 +21,25 @@ function sha256(data: Buffer): string {
   return createHash('sha256').update(data).digest('hex');
 }
 
-async function have(tool: string): Promise<boolean> {
+/** A skip reason when a client is missing, else false (for the test's `skip` option). */
+function missing(tool: string): string | false {
   try {
-    await run('sh', ['-c', `command -v ${tool}`]);
-    return true;
-  } catch {
+    execFileSync('sh', ['-c', `command -v ${tool}`], { stdio: 'ignore' });
     return false;
+  } catch {
+    return `${tool} not installed`;
+  }
+}
+
+// Debian's python3: python3-libnbd's module lives there, not in a pyenv python earlier on PATH.
+const python = '/usr/bin/python3';
+function missingLibnbdPython(): string | false {
+  if (!isRoot) return 'flush statistics need a loop device (root)';
+  try {
+    execFileSync(python, ['-c', 'import nbd'], { stdio: 'ignore' });
+    return false;
+  } catch {
+    return 'python3-libnbd not installed';
   }
 }
 
@@ -49,8 +62,7 @@ async function startStack(t: tap.Test, readOnly = false) {
   return { device, volume, server, socketPath, uri: `nbd+unix:///vol0?socket=${socketPath}` };
 }
 
-t.test('qemu-io patterns, unaligned I/O and qemu-img compare against the device', async (t) => {
-  if (!(await have('qemu-io'))) return t.skip('qemu-io not installed');
+t.test('qemu-io patterns, unaligned I/O and qemu-img compare against the device', { skip: missing('qemu-io') }, async (t) => {
   const { device, volume, uri } = await startStack(t);
   const { stdout } = await run('qemu-io', [
     '-f', 'raw',
@@ -78,12 +90,8 @@ t.test('qemu-io patterns, unaligned I/O and qemu-img compare against the device'
   await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', uri, device.path]);
 });
 
-t.test('NBD FUA writes and FLUSH from libnbd reach the device before the reply', async (t) => {
-  // Debian's python3 (python3-libnbd's module is there, not in a pyenv python on PATH).
-  const python = '/usr/bin/python3';
-  if (!(await run(python, ['-c', 'import nbd']).then(() => true, () => false))) return t.skip('python3-libnbd not installed');
+t.test('NBD FUA writes and FLUSH from libnbd reach the device before the reply', { skip: missingLibnbdPython() }, async (t) => {
   const { device, uri } = await startStack(t);
-  if (!device.isLoop) return t.skip('flush statistics need a block device (root)');
   // libnbd sends exactly the commands asked for (qemu-io would also flush when it closes).
   const counts = async (code: string): Promise<number> => {
     const before = deviceFlushCount(device.path);
@@ -95,8 +103,7 @@ t.test('NBD FUA writes and FLUSH from libnbd reach the device before the reply',
   t.ok((await counts('h.flush()')) > 0, 'FLUSH reaches the device');
 });
 
-t.test('nbdinfo --list and --map', async (t) => {
-  if (!(await have('nbdinfo'))) return t.skip('nbdinfo not installed');
+t.test('nbdinfo --list and --map', { skip: missing('nbdinfo') }, async (t) => {
   const { uri, socketPath } = await startStack(t);
   const list = await run('nbdinfo', ['--list', '--json', `nbd+unix:///?socket=${socketPath}`]);
   const listed = JSON.parse(list.stdout);
@@ -116,8 +123,7 @@ t.test('nbdinfo --list and --map', async (t) => {
   t.equal(covered, deviceBytes, 'base:allocation map covers the whole export');
 });
 
-t.test('nbdcopy round trip', async (t) => {
-  if (!(await have('nbdcopy'))) return t.skip('nbdcopy not installed');
+t.test('nbdcopy round trip', { skip: missing('nbdcopy') }, async (t) => {
   const { uri, volume } = await startStack(t);
   const dir = scratchDir(t);
   const source = join(dir, 'source.img');
@@ -130,8 +136,7 @@ t.test('nbdcopy round trip', async (t) => {
   t.ok(volume.stats().writeBytes >= deviceBytes - 1, 'writes went through the volume');
 });
 
-t.test('fio ioengine=nbd with verify=crc32c', async (t) => {
-  if (!(await have('fio'))) return t.skip('fio not installed');
+t.test('fio ioengine=nbd with verify=crc32c', { skip: missing('fio') }, async (t) => {
   const { uri } = await startStack(t);
   const dir = scratchDir(t);
   const output = join(dir, 'fio.json');
@@ -156,8 +161,7 @@ t.test('fio ioengine=nbd with verify=crc32c', async (t) => {
   t.ok(report.jobs[0].write.io_bytes >= 32 * 1024 * 1024, 'fio wrote the whole area');
 });
 
-t.test('read-only export: writes fail with EPERM for a real client', async (t) => {
-  if (!(await have('qemu-io'))) return t.skip('qemu-io not installed');
+t.test('read-only export: writes fail with EPERM for a real client', { skip: missing('qemu-io') }, async (t) => {
   const { uri } = await startStack(t, true);
   const result = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x1 0 4k', uri]).catch((error) => error);
   const output = `${result.stdout ?? ''}${result.stderr ?? ''}`;
