@@ -30,8 +30,10 @@ export class NbdError extends Error {
 
 /** Maps an error raised by a backend (errno name in `code`) to an NBD error value. Unknown
  *  codes become EIO: the client must not think a failed write succeeded, and EIO is the value
- *  every client treats as a plain I/O failure. */
-export function nbdErrnoFromError(error: unknown): number {
+ *  every client treats as a plain I/O failure. `fastZero` says whether the request was a
+ *  WRITE_ZEROES with NBD_CMD_FLAG_FAST_ZERO: the one case where the spec lets the server answer
+ *  ENOTSUP. EOVERFLOW is about reply fragmenting, which a backend error never is: EIO. */
+export function nbdErrnoFromError(error: unknown, fastZero: boolean): number {
   const code = typeof error === 'object' && error !== null ? (error as { code?: unknown }).code : undefined;
   switch (code) {
     case 'EPERM':
@@ -46,12 +48,10 @@ export function nbdErrnoFromError(error: unknown): number {
       return NBD_EINVAL;
     case 'ENOMEM':
       return NBD_ENOMEM;
-    case 'EOVERFLOW':
-      return NBD_EOVERFLOW;
     case 'ENOTSUP':
     case 'EOPNOTSUPP':
     case 'BM_ERR_NOT_FAST':
-      return NBD_ENOTSUP;
+      return fastZero ? NBD_ENOTSUP : NBD_EIO;
     case 'ESHUTDOWN':
       return NBD_ESHUTDOWN;
     default:

@@ -5,6 +5,7 @@
 import { promises as fs } from 'node:fs';
 import net from 'node:net';
 import type { Logger } from 'pino';
+import { BufferPool } from '../native/index';
 import { ByteReader } from './byte-reader';
 import { NbdError } from './errors';
 import { negotiate } from './handshake';
@@ -29,6 +30,11 @@ export interface NbdServerOptions {
   handshakeTimeoutMs?: number;
   /** Default 30 s: close()/disconnectExport() drop a connection that has not drained by then. */
   shutdownTimeoutMs?: number;
+  /** Default 256: connections in the handshake plus in transmission, over all listeners. A
+   *  socket accepted beyond it is closed at once (with a logged warning). */
+  maxConnections?: number;
+  /** Default 64 MiB: idle bytes kept in the pool of aligned WRITE payload buffers. */
+  maxPooledPayloadBytes?: number;
 }
 
 const DEFAULT_MAX_IN_FLIGHT_REQUESTS = 128;
@@ -36,6 +42,12 @@ const DEFAULT_MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 const DEFAULT_MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
 const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
 const DEFAULT_SHUTDOWN_TIMEOUT_MS = 30_000;
+const DEFAULT_MAX_CONNECTIONS = 256;
+const DEFAULT_MAX_POOLED_PAYLOAD_BYTES = 64 * 1024 * 1024;
+/** O_DIRECT alignment of pooled payloads: covers 512 and 4K sector devices. */
+const PAYLOAD_ALIGN_BYTES = 4096;
+/** At most one "connection refused" warning per this interval; the rest are counted in it. */
+const REFUSED_WARNING_INTERVAL_MS = 1_000;
 const CLOSE_LINGER_MS = 1_000;
 const UNIX_SOCKET_MODE = 0o660;
 
@@ -52,6 +64,11 @@ export class NbdServer {
   private readonly logger: Logger;
   private readonly limits: TransmissionLimits;
   private readonly handshakeTimeoutMs: number;
+  private readonly maxConnections: number;
+  /** Aligned buffers for WRITE payloads that span socket chunks, shared by every connection. */
+  private readonly payloadPool: BufferPool;
+  private refusedSinceWarning = 0;
+  private lastRefusedWarningMs = -Infinity;
   private readonly listeners: net.Server[] = [];
   private readonly unixPaths: string[] = [];
   private readonly handshakeSockets = new Set<net.Socket>();
@@ -80,6 +97,11 @@ export class NbdServer {
       shutdownTimeoutMs: positiveInteger('shutdownTimeoutMs', options.shutdownTimeoutMs, DEFAULT_SHUTDOWN_TIMEOUT_MS, 1, 3_600_000),
     };
     this.handshakeTimeoutMs = positiveInteger('handshakeTimeoutMs', options.handshakeTimeoutMs, DEFAULT_HANDSHAKE_TIMEOUT_MS, 1, 3_600_000);
+    this.maxConnections = positiveInteger('maxConnections', options.maxConnections, DEFAULT_MAX_CONNECTIONS, 1, 65536);
+    this.payloadPool = new BufferPool({
+      maxPooledBytes: positiveInteger('maxPooledPayloadBytes', options.maxPooledPayloadBytes, DEFAULT_MAX_POOLED_PAYLOAD_BYTES, 0, 2 ** 40),
+      alignBytes: PAYLOAD_ALIGN_BYTES,
+    });
   }
 
   /** Listens on a Unix socket; a stale socket file at `path` is removed first. */
@@ -165,6 +187,10 @@ export class NbdServer {
       socket.destroy();
       return;
     }
+    if (this.handshakeSockets.size + this.transmissions.size >= this.maxConnections) {
+      this.refuse(socket, transport);
+      return;
+    }
     const connectionId = this.nextConnectionId++;
     const peer = transport === 'tcp' ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     const logger = this.logger.child({ connectionId, peer });
@@ -199,7 +225,7 @@ export class NbdServer {
         const { session } = result;
         const exportName = session.nbdExport.name;
         const connectionLogger = logger.child({ exportName });
-        const transmission = new Transmission(socket, session, this.limits, connectionLogger);
+        const transmission = new Transmission(socket, session, this.limits, this.payloadPool, connectionLogger);
         this.transmissions.add(transmission);
         this.unsettled.add(transmission);
         connectionLogger.info({ structuredReplies: session.structuredReplies, sizeBytes: session.sizeBytes }, 'nbd connection open');
@@ -223,6 +249,22 @@ export class NbdServer {
         socket.destroy();
       },
     );
+  }
+
+  /** Over maxConnections: closed before the greeting. Warnings are rate-limited so a flood of
+   *  connections cannot flood the log; each one says how many were refused since the last. */
+  private refuse(socket: net.Socket, transport: 'unix' | 'tcp'): void {
+    socket.on('error', () => undefined);
+    socket.destroy();
+    this.refusedSinceWarning += 1;
+    const nowMs = performance.now();
+    if (nowMs - this.lastRefusedWarningMs < REFUSED_WARNING_INTERVAL_MS) return;
+    this.logger.warn(
+      { transport, maxConnections: this.maxConnections, refusedCount: this.refusedSinceWarning },
+      'nbd connection limit reached, refusing new connections',
+    );
+    this.lastRefusedWarningMs = nowMs;
+    this.refusedSinceWarning = 0;
   }
 }
 

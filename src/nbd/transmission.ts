@@ -1,7 +1,9 @@
 // The transmission phase of one connection: parses requests straight out of received chunks,
 // validates each one as doc/proto.md asks, runs it on the backend concurrently and answers as
 // each completes (out of order). In-flight requests and bytes are bounded; when a bound is hit
-// the socket is paused and the unparsed bytes wait until a request completes.
+// the socket is paused and the unparsed bytes wait until a request completes. A WRITE payload
+// that arrives whole in one chunk is passed on as a view of it; one that spans chunks is
+// assembled in an aligned pooled buffer, which the backend can hand to O_DIRECT without a copy.
 //
 // States: open -> (disconnecting | shuttingDown) -> closing -> closed.
 //   disconnecting: NBD_CMD_DISC seen; nothing more is parsed, in-flight requests finish.
@@ -12,6 +14,7 @@
 import assert from 'node:assert';
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
+import type { BufferPool } from '../native/index';
 import type { AllocationRun, BlockBackend, ReadResult } from '../volume/backend';
 import { nbdErrnoFromError, nbdErrnoName } from './errors';
 import type { NegotiatedSession } from './handshake';
@@ -45,6 +48,9 @@ class Request {
   /** Bytes charged against maxInFlightBytes until the payload is no longer in memory. */
   chargedBytes = 0;
   payload: Buffer | null = null;
+  /** Whether `payload` came from the payload pool and must go back to it once the backend is
+   *  done with it (its promise settled) or the request is dropped before dispatch. */
+  payloadPooled = false;
   readonly onDone: () => void;
   readonly onError: (error: unknown) => void;
   readonly onRead: (result: ReadResult) => void;
@@ -75,6 +81,7 @@ export class Transmission {
   private readonly backend: BlockBackend;
   private readonly logger: Logger;
   private readonly limits: TransmissionLimits;
+  private readonly payloadPool: BufferPool;
   private readonly writer: ReplyWriter;
   private readonly sizeBytes: number;
   private readonly readOnly: boolean;
@@ -104,10 +111,11 @@ export class Transmission {
   peakInFlightRequests = 0;
   peakInFlightBytes = 0;
 
-  constructor(socket: Socket, session: NegotiatedSession, limits: TransmissionLimits, logger: Logger) {
+  constructor(socket: Socket, session: NegotiatedSession, limits: TransmissionLimits, payloadPool: BufferPool, logger: Logger) {
     assert(limits.maxInFlightRequests >= 1);
     assert(limits.maxInFlightBytes >= 1);
     this.socket = socket;
+    this.payloadPool = payloadPool;
     this.exportName = session.nbdExport.name;
     this.backend = session.nbdExport.backend;
     this.logger = logger;
@@ -140,9 +148,10 @@ export class Transmission {
         this.socket.destroy();
       }, this.limits.shutdownTimeoutMs);
       this.shutdownTimer.unref();
-      this.maybeFinish();
-      // Requests held back by backpressure are answered with ESHUTDOWN now.
+      // Requests held back by backpressure are answered with ESHUTDOWN first (at once, or on
+      // 'drain' if the socket's write buffer is what holds them back); only then may it close.
       this.maybeResume();
+      this.maybeFinish();
     }
     return this.whenIdle();
   }
@@ -176,10 +185,26 @@ export class Transmission {
   }
 
   private parse(): void {
-    while (this.input !== null) {
+    for (;;) {
+      if (this.state !== 'open' && this.state !== 'shuttingDown') {
+        this.input = null;
+        return;
+      }
+      // A header assembled in headerBuffer may be complete with no byte after it (held back by
+      // backpressure on the read that completed it): handle it before looking for more input.
+      if (this.headerFillBytes === P.REQUEST_HEADER_BYTES) {
+        if (!this.admits(this.headerBuffer, 0)) {
+          this.pause();
+          return;
+        }
+        this.headerFillBytes = 0;
+        this.handleHeader(this.headerBuffer, 0);
+        continue;
+      }
       const input = this.input;
+      if (input === null) return;
       const availableBytes = input.length - this.inputPosition;
-      if (availableBytes === 0 || (this.state !== 'open' && this.state !== 'shuttingDown')) {
+      if (availableBytes === 0) {
         this.input = null;
         return;
       }
@@ -205,38 +230,31 @@ export class Transmission {
         continue;
       }
 
-      // A request header: straight from the chunk when it is all there, else assembled.
-      let header: Buffer;
-      let headerAt: number;
-      const direct = this.headerFillBytes === 0 && availableBytes >= P.REQUEST_HEADER_BYTES;
-      if (direct) {
-        header = input;
-        headerAt = this.inputPosition;
-      } else {
+      // A request header: straight from the chunk when it is all there, else assembled in
+      // headerBuffer (a complete one is handled at the top of the loop).
+      if (this.headerFillBytes > 0 || availableBytes < P.REQUEST_HEADER_BYTES) {
         const copyBytes = Math.min(P.REQUEST_HEADER_BYTES - this.headerFillBytes, availableBytes);
         input.copy(this.headerBuffer, this.headerFillBytes, this.inputPosition, this.inputPosition + copyBytes);
         this.headerFillBytes += copyBytes;
         this.inputPosition += copyBytes;
-        if (this.headerFillBytes < P.REQUEST_HEADER_BYTES) continue;
-        header = this.headerBuffer;
-        headerAt = 0;
+        continue;
       }
-
-      if (!this.admits(header, headerAt)) {
-        // Keep the header (in the chunk or in headerBuffer) and wait for completions.
+      if (!this.admits(input, this.inputPosition)) {
+        // Keep the header in the chunk and wait for completions.
         this.pause();
         return;
       }
-      if (direct) this.inputPosition += P.REQUEST_HEADER_BYTES;
-      else this.headerFillBytes = 0;
-      this.handleHeader(header, headerAt);
+      const headerAt = this.inputPosition;
+      this.inputPosition += P.REQUEST_HEADER_BYTES;
+      this.handleHeader(input, headerAt);
     }
   }
 
   /** Whether one more request fits the in-flight bounds. The first request always fits, so a
    *  request larger than maxInFlightBytes alone cannot stall the connection. */
   private admits(header: Buffer, headerAt: number): boolean {
-    if (this.socket.writableLength > this.limits.maxInFlightBytes) return false;
+    // Never below the socket's high-water mark: past it a 'drain' is certain to come and resume us.
+    if (this.socket.writableLength > Math.max(this.limits.maxInFlightBytes, this.socket.writableHighWaterMark)) return false;
     // While shutting down every request is answered at once with ESHUTDOWN: nothing to bound.
     if (this.state === 'shuttingDown') return true;
     if (this.inFlightRequests >= this.limits.maxInFlightRequests) return false;
@@ -261,6 +279,7 @@ export class Transmission {
     request.offsetBytes = header.readUInt32BE(at + 16) * P.TWO_POW_32 + header.readUInt32BE(at + 20);
     request.lengthBytes = header.readUInt32BE(at + 24);
     request.payload = null;
+    request.payloadPooled = false;
     request.chargedBytes = 0;
 
     if (request.type === P.NBD_CMD_DISC) {
@@ -285,15 +304,27 @@ export class Transmission {
         return;
       }
       this.charge(request, lengthBytes);
-      const input = this.input!;
-      const availableBytes = input.length - this.inputPosition;
-      if (availableBytes >= lengthBytes) {
-        // Zero-copy: the backend copies the data before its promise settles.
+      const input = this.input;
+      const availableBytes = input === null ? 0 : input.length - this.inputPosition;
+      if (input !== null && availableBytes >= lengthBytes) {
+        // Zero-copy: a view of the chunk, which the backend must not outlive (it copies or
+        // finishes with the data before its promise settles).
         request.payload = input.subarray(this.inputPosition, this.inputPosition + lengthBytes);
         this.inputPosition += lengthBytes;
         this.dispatch(request);
       } else {
-        request.payload = Buffer.allocUnsafe(lengthBytes);
+        // Spans chunks: assembled once, in aligned memory the backend can write as it is.
+        try {
+          request.payload = this.payloadPool.acquire(lengthBytes);
+        } catch (error) {
+          // Out of memory for one payload must not take the whole daemon down with it.
+          this.recycle(request);
+          this.logger.error({ err: error, lengthBytes }, 'nbd cannot allocate a WRITE payload buffer, dropping connection');
+          this.input = null;
+          this.socket.destroy();
+          return;
+        }
+        request.payloadPooled = true;
         this.payloadRequest = request;
         this.payloadFillBytes = 0;
       }
@@ -345,11 +376,19 @@ export class Transmission {
     }
     if (type === P.NBD_CMD_BLOCK_STATUS && this.allocationContextId === 0) return P.NBD_EINVAL;
     if (request.lengthBytes === 0) return P.NBD_EINVAL;
-    if ((type === P.NBD_CMD_READ || type === P.NBD_CMD_WRITE) && request.lengthBytes > this.limits.maxPayloadBytes) {
-      return this.structuredReplies ? P.NBD_EOVERFLOW : P.NBD_EINVAL;
+    // Over the advertised maximum block size: EINVAL (EOVERFLOW is only for a DF read whose
+    // reply would need fragmenting, and a read reply here is never fragmented).
+    if (this.exceedsMaxPayload(request)) return P.NBD_EINVAL;
+    if (request.offsetBytes + request.lengthBytes > this.sizeBytes) {
+      // ENOSPC past the end is for writes that store data; a TRIM past the end is EINVAL.
+      return type === P.NBD_CMD_WRITE || type === P.NBD_CMD_WRITE_ZEROES ? P.NBD_ENOSPC : P.NBD_EINVAL;
     }
-    if (request.offsetBytes + request.lengthBytes > this.sizeBytes) return writes ? P.NBD_ENOSPC : P.NBD_EINVAL;
     return 0;
+  }
+
+  private exceedsMaxPayload(request: Request): boolean {
+    const type = request.type;
+    return (type === P.NBD_CMD_READ || type === P.NBD_CMD_WRITE) && request.lengthBytes > this.limits.maxPayloadBytes;
   }
 
   private validationMessage(request: Request, errorValue: number): string {
@@ -361,9 +400,13 @@ export class Transmission {
         return `${command} on a read-only export`;
       case P.NBD_ENOSPC:
         return `${command} past the end of the export (${this.sizeBytes} bytes)`;
-      case P.NBD_EOVERFLOW:
-        return `${command} of ${request.lengthBytes} bytes exceeds the maximum of ${this.limits.maxPayloadBytes}`;
       default:
+        if (this.exceedsMaxPayload(request)) {
+          return `${command} of ${request.lengthBytes} bytes exceeds the maximum block size of ${this.limits.maxPayloadBytes}`;
+        }
+        if (request.lengthBytes > 0 && request.offsetBytes + request.lengthBytes > this.sizeBytes) {
+          return `${command} past the end of the export (${this.sizeBytes} bytes)`;
+        }
         return `invalid ${command}: flags 0x${request.flags.toString(16)}, offset ${request.offsetBytes}, length ${request.lengthBytes}`;
     }
   }
@@ -427,7 +470,8 @@ export class Transmission {
   }
 
   completeError(request: Request, error: unknown): void {
-    const errorValue = nbdErrnoFromError(error);
+    const fastZero = request.type === P.NBD_CMD_WRITE_ZEROES && (request.flags & P.NBD_CMD_FLAG_FAST_ZERO) !== 0;
+    const errorValue = nbdErrnoFromError(error, fastZero);
     const command = COMMAND_NAMES[request.type] ?? String(request.type);
     const message = error instanceof Error ? error.message : String(error);
     // A FAST_ZERO that cannot be fast is an expected answer, not a failure worth a warning.
@@ -506,7 +550,12 @@ export class Transmission {
     this.maybeFinish();
   }
 
+  /** Called once the backend is done with the request (or it never reached the backend). */
   private recycle(request: Request): void {
+    if (request.payloadPooled) {
+      this.payloadPool.release(request.payload!);
+      request.payloadPooled = false;
+    }
     request.payload = null;
     if (this.pool.length < this.limits.maxInFlightRequests) this.pool.push(request);
   }
@@ -524,6 +573,8 @@ export class Transmission {
     this.paused = false;
     this.parse();
     if (!this.paused) this.socket.resume();
+    // When shutting down, held requests answered just now may have been all that kept it open.
+    this.maybeFinish();
   }
 
   private disconnectRequested(): void {
@@ -538,6 +589,9 @@ export class Transmission {
     if (this.state !== 'disconnecting' && this.state !== 'shuttingDown') return;
     if (this.inFlightRequests > 0) return;
     if (this.payloadRequest !== null) return; // a WRITE payload is still arriving; it will be answered
+    // Paused means a request read before the shutdown is held back; it gets its ESHUTDOWN when
+    // the socket drains (or the shutdown timer drops the connection).
+    if (this.state === 'shuttingDown' && this.paused) return;
     this.state = 'closing';
     this.input = null;
     this.writer.seal();
@@ -560,7 +614,13 @@ export class Transmission {
     if (this.state === 'closed') return;
     this.state = 'closed';
     this.input = null;
+    // A WRITE whose payload was still arriving never reaches the backend: its buffer goes back.
+    const payloadRequest = this.payloadRequest;
     this.payloadRequest = null;
+    if (payloadRequest !== null) {
+      this.inFlightBytes -= payloadRequest.chargedBytes;
+      this.recycle(payloadRequest);
+    }
     if (this.lingerTimer !== null) clearTimeout(this.lingerTimer);
     if (this.shutdownTimer !== null) clearTimeout(this.shutdownTimer);
     this.writer.close();

@@ -38,8 +38,9 @@ export interface ReadResult {
 export interface BlockBackend {
   info(): BlockBackendInfo;
   read(offsetBytes: number, lengthBytes: number): Promise<ReadResult>;
-  /** `data` may be unaligned in memory and in offset; the backend copies it before resolving or
-   *  rejecting, so the caller may reuse it only after the promise settles. */
+  /** `data` may be unaligned in memory and in offset. The backend may read it until the promise
+   *  settles (an aligned pooled buffer goes to the device without a copy), so the caller must
+   *  not reuse or release it before then. */
   write(offsetBytes: number, data: Buffer, fua: boolean): Promise<void>;
   /** Durable: every write acknowledged before flush() was called is on stable storage. */
   flush(): Promise<void>;

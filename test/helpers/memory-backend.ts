@@ -19,6 +19,9 @@ export interface MemoryCall {
   lengthBytes: number;
   fua?: boolean;
   options?: WriteZeroesOptions;
+  /** write: the caller's buffer itself. Its bytes belong to the caller again once the call has
+   *  settled; tests only look at its identity and alignment (pooled, aligned payloads). */
+  data?: Buffer;
 }
 
 export interface MemoryBackendOptions {
@@ -89,7 +92,7 @@ export class MemoryBackend implements BlockBackend {
   async write(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
     // Copy before any await, as the contract says the caller may reuse `data` after settling.
     const copy = Buffer.from(data);
-    return this.run({ op: 'write', offsetBytes, lengthBytes: data.length, fua }, data.length, () => {
+    return this.run({ op: 'write', offsetBytes, lengthBytes: data.length, fua, data }, data.length, () => {
       copy.copy(this.data, offsetBytes);
       this.markAllocated(offsetBytes, copy.length, true);
     });

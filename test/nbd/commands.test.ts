@@ -115,8 +115,12 @@ for (const structured of [false, true]) {
     };
     await expect('write past the end', { type: P.NBD_CMD_WRITE, offsetBytes: SIZE - 512, payload: Buffer.alloc(1024) }, P.NBD_ENOSPC);
     await expect('write at the end', { type: P.NBD_CMD_WRITE, offsetBytes: SIZE, payload: Buffer.alloc(1) }, P.NBD_ENOSPC);
-    await expect('trim past the end', { type: P.NBD_CMD_TRIM, offsetBytes: SIZE - 512, lengthBytes: 1024 }, P.NBD_ENOSPC);
+    // The spec: EINVAL for a read or trim including sectors beyond the size; ENOSPC only for
+    // WRITE and WRITE_ZEROES.
+    await expect('trim past the end', { type: P.NBD_CMD_TRIM, offsetBytes: SIZE - 512, lengthBytes: 1024 }, P.NBD_EINVAL);
+    await expect('trim at the end', { type: P.NBD_CMD_TRIM, offsetBytes: SIZE, lengthBytes: 512 }, P.NBD_EINVAL);
     await expect('write zeroes past the end', { type: P.NBD_CMD_WRITE_ZEROES, offsetBytes: SIZE, lengthBytes: 1 }, P.NBD_ENOSPC);
+    await expect('write zeroes across the end', { type: P.NBD_CMD_WRITE_ZEROES, offsetBytes: SIZE - 512, lengthBytes: 1024 }, P.NBD_ENOSPC);
     await expect('read past the end', { type: P.NBD_CMD_READ, offsetBytes: SIZE - 1, lengthBytes: 2 }, P.NBD_EINVAL);
     await expect('read at 2^63', { type: P.NBD_CMD_READ, offsetBytes: 2 ** 63, lengthBytes: 512 }, P.NBD_EINVAL);
     await expect('cache past the end', { type: P.NBD_CMD_CACHE, offsetBytes: SIZE, lengthBytes: 512 }, P.NBD_EINVAL);
@@ -162,9 +166,16 @@ for (const structured of [false, true]) {
     const maxPayloadBytes = 64 * 1024;
     const fx = await startServer(t, EXPORTS, { maxPayloadBytes });
     const { client } = await NbdTestClient.open(fx.socketPath, 'vol0', { structured });
-    const tooBig = structured ? P.NBD_EOVERFLOW : P.NBD_EINVAL;
-    t.equal((await client.request({ type: P.NBD_CMD_READ, offsetBytes: 0, lengthBytes: maxPayloadBytes + 1 })).error, tooBig);
-    t.equal((await client.request({ type: P.NBD_CMD_WRITE, offsetBytes: 0, payload: Buffer.alloc(maxPayloadBytes + 4096, 1) })).error, tooBig);
+    // Over the advertised maximum: EINVAL in both modes (EOVERFLOW is only for a DF read whose
+    // reply would need fragmenting, which ours never does).
+    const bigRead = await client.request({ type: P.NBD_CMD_READ, offsetBytes: 0, lengthBytes: maxPayloadBytes + 1 });
+    t.equal(bigRead.error, P.NBD_EINVAL);
+    if (structured) t.match(bigRead.errorMessage, /exceeds the maximum block size/);
+    t.equal((await client.request({ type: P.NBD_CMD_WRITE, offsetBytes: 0, payload: Buffer.alloc(maxPayloadBytes + 4096, 1) })).error, P.NBD_EINVAL);
+    if (structured) {
+      const bigDf = await client.request({ type: P.NBD_CMD_READ, flags: P.NBD_CMD_FLAG_DF, offsetBytes: 0, lengthBytes: maxPayloadBytes + 1 });
+      t.equal(bigDf.error, P.NBD_EINVAL, 'an oversize DF read is EINVAL too');
+    }
     t.equal((await client.request({ type: P.NBD_CMD_READ, offsetBytes: 0, lengthBytes: maxPayloadBytes })).error, 0, 'max itself is fine');
     // Trim and zero carry no payload: the block size limit does not apply.
     t.equal((await client.request({ type: P.NBD_CMD_WRITE_ZEROES, offsetBytes: 0, lengthBytes: SIZE })).error, 0);
@@ -186,6 +197,11 @@ for (const structured of [false, true]) {
       ['EROFS', P.NBD_EPERM],
       ['ENOMEM', P.NBD_ENOMEM],
       ['BM_ERR_SOMETHING_ODD', P.NBD_EIO],
+      // ENOTSUP is only for WRITE_ZEROES with FAST_ZERO; EOVERFLOW never comes from a backend.
+      ['ENOTSUP', P.NBD_EIO],
+      ['EOPNOTSUPP', P.NBD_EIO],
+      ['BM_ERR_NOT_FAST', P.NBD_EIO],
+      ['EOVERFLOW', P.NBD_EIO],
     ];
     for (const [code, expected] of cases) {
       backend.hook = () => {
@@ -211,6 +227,32 @@ t.test('FAST_ZERO the backend cannot do fast gets ENOTSUP', async (t) => {
   t.equal(fast.error, P.NBD_ENOTSUP);
   const slow = await client.request({ type: P.NBD_CMD_WRITE_ZEROES, offsetBytes: 0, lengthBytes: 4096 });
   t.equal(slow.error, 0);
+  await client.disconnect();
+});
+
+t.test('backend ENOTSUP reaches the client only for WRITE_ZEROES with FAST_ZERO', async (t) => {
+  const fx = await startServer(t, EXPORTS);
+  const backend = fx.backends.get('vol0')!;
+  const { client } = await NbdTestClient.open(fx.socketPath, 'vol0', { structured: true });
+  for (const code of ['ENOTSUP', 'EOPNOTSUPP']) {
+    backend.hook = () => {
+      throw errnoError(code, 'injected');
+    };
+    const zero = (flags: number) => client.request({ type: P.NBD_CMD_WRITE_ZEROES, flags, offsetBytes: 0, lengthBytes: 4096 });
+    t.equal((await zero(P.NBD_CMD_FLAG_FAST_ZERO)).error, P.NBD_ENOTSUP, `${code}: FAST_ZERO gets ENOTSUP`);
+    t.equal((await zero(P.NBD_CMD_FLAG_FAST_ZERO | P.NBD_CMD_FLAG_NO_HOLE)).error, P.NBD_ENOTSUP, `${code}: FAST_ZERO|NO_HOLE gets ENOTSUP`);
+    t.equal((await zero(0)).error, P.NBD_EIO, `${code}: WRITE_ZEROES without FAST_ZERO gets EIO`);
+    t.equal((await zero(P.NBD_CMD_FLAG_NO_HOLE)).error, P.NBD_EIO, `${code}: NO_HOLE alone gets EIO`);
+    t.equal((await client.request({ type: P.NBD_CMD_TRIM, offsetBytes: 0, lengthBytes: 4096 })).error, P.NBD_EIO, `${code}: TRIM gets EIO`);
+    t.equal((await client.request({ type: P.NBD_CMD_FLUSH })).error, P.NBD_EIO, `${code}: FLUSH gets EIO`);
+    t.equal((await client.request({ type: P.NBD_CMD_CACHE, offsetBytes: 0, lengthBytes: 4096 })).error, P.NBD_EIO, `${code}: CACHE gets EIO`);
+  }
+  backend.hook = () => {
+    throw errnoError('EOVERFLOW', 'injected');
+  };
+  const read = await client.request({ type: P.NBD_CMD_READ, flags: P.NBD_CMD_FLAG_DF, offsetBytes: 0, lengthBytes: 4096 });
+  t.equal(read.error, P.NBD_EIO, 'a backend EOVERFLOW on a DF read is EIO');
+  backend.hook = null;
   await client.disconnect();
 });
 

@@ -207,3 +207,91 @@ t.test('in-flight byte bound', async (t) => {
   t.ok(backend.peakActiveBytes <= maxInFlightBytesPerConnection, `peak ${backend.peakActiveBytes} within the bound`);
   await client.disconnect();
 });
+
+/** Rejects if `promise` has not settled within `timeoutMs` (a hang fails the test, not tap). */
+async function within<T>(promise: Promise<T>, timeoutMs: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)), timeoutMs);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+
+t.test('a header split 10+14 bytes, completed while at the in-flight bound, is handled on resume', async (t) => {
+  const fx = await startServer(t, EXPORTS, { maxInFlightRequestsPerConnection: 1 });
+  const backend = fx.backends.get('a')!;
+  const { client } = await NbdTestClient.open(fx.socketPath, 'a');
+
+  // A FLUSH whose header's second piece ends exactly at the header's end.
+  let gate = deferred();
+  backend.hook = (call) => (call.op === 'read' ? gate.promise : undefined);
+  const blocker = client.send({ type: P.NBD_CMD_READ, offsetBytes: 0, lengthBytes: 512 });
+  await waitFor(() => backend.activeOps === 1, 2000, 'read in flight');
+  const flushHeader = NbdTestClient.requestHeader({ type: P.NBD_CMD_FLUSH }, 77n);
+  client.write(flushHeader.subarray(0, 10));
+  await sleep(20);
+  client.write(flushHeader.subarray(10));
+  await sleep(20);
+  t.equal(backend.flushCount, 0, 'the flush waits for the bound');
+  gate.resolve();
+  const first = await within(client.readReply(), 2000, 'the read reply');
+  t.equal(first.cookie, blocker);
+  const second = await within(client.readReply(), 2000, 'the reply to the held FLUSH');
+  t.equal(second.cookie, 77n);
+  t.equal(second.error, 0);
+  t.equal(backend.flushCount, 1);
+
+  // The same with a WRITE whose payload arrives while the connection is paused.
+  gate = deferred();
+  const blocker2 = client.send({ type: P.NBD_CMD_READ, offsetBytes: 0, lengthBytes: 512 });
+  await waitFor(() => backend.activeOps === 1, 2000, 'second read in flight');
+  const writeHeader = NbdTestClient.requestHeader({ type: P.NBD_CMD_WRITE, offsetBytes: 8192, lengthBytes: 4096 }, 78n);
+  client.write(writeHeader.subarray(0, 10));
+  await sleep(20);
+  client.write(writeHeader.subarray(10));
+  await sleep(20);
+  client.write(Buffer.alloc(4096, 0x5a));
+  gate.resolve();
+  t.equal((await within(client.readReply(), 2000, 'the second read reply')).cookie, blocker2);
+  const write = await within(client.readReply(), 2000, 'the reply to the held WRITE');
+  t.equal(write.cookie, 78n);
+  t.equal(write.error, 0);
+  t.ok(backend.data.subarray(8192, 12288).equals(Buffer.alloc(4096, 0x5a)), 'the held write landed');
+  backend.hook = null;
+  await client.disconnect();
+});
+
+t.test('close() answers a request held back by a full socket write buffer with ESHUTDOWN', async (t) => {
+  const fx = await startServer(t, EXPORTS, { maxInFlightBytesPerConnection: 64 * 1024 });
+  const backend = fx.backends.get('a')!;
+  const { client } = await NbdTestClient.open(fx.socketPath, 'a');
+  // The client stops reading, so most of a 4 MiB reply stays in the server's write buffer.
+  client.socket.pause();
+  const big = client.send({ type: P.NBD_CMD_READ, offsetBytes: 0, lengthBytes: 4 * MiB });
+  await waitFor(() => backend.calls.length === 1 && backend.activeOps === 0, 2000, 'the big read to complete');
+  await sleep(20); // the reply is handed to the socket
+  const held = client.send({ type: P.NBD_CMD_FLUSH });
+  await sleep(20); // parsed and held back: the write buffer is over the byte bound
+  t.equal(backend.flushCount, 0, 'the flush is held back');
+  let closed = false;
+  const closing = fx.server.close().then(() => (closed = true));
+  await sleep(20);
+  t.notOk(closed, 'close() waits until the held request is answered');
+  client.socket.resume();
+  const first = await within(client.readReply(), 5000, 'the big read reply');
+  t.equal(first.cookie, big);
+  t.equal(first.error, 0);
+  const second = await within(client.readReply(), 5000, 'the ESHUTDOWN reply to the held FLUSH');
+  t.equal(second.cookie, held);
+  t.equal(second.error, P.NBD_ESHUTDOWN);
+  t.equal(backend.flushCount, 0, 'the held flush never reached the backend');
+  await within(client.closed, 5000, 'the connection to close');
+  await within(closing, 5000, 'close() to resolve');
+  t.equal(backend.unreleasedReads, 0);
+});

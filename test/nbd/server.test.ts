@@ -9,7 +9,7 @@ import * as P from '../../src/nbd/protocol';
 import { NbdServer } from '../../src/nbd/server';
 import { MemoryBackend } from '../helpers/memory-backend';
 import { NbdTestClient } from '../helpers/nbd-client';
-import { MiB } from './fixture';
+import { MiB, startServer, waitFor } from './fixture';
 
 function makeServer(t: { teardown(fn: () => unknown): void }, options: Partial<ConstructorParameters<typeof NbdServer>[0]> = {}) {
   const dir = mkdtempSync(path.join(tmpdir(), 'bm-nbd-srv-'));
@@ -83,4 +83,34 @@ t.test('invalid options are refused with a stable code', async (t) => {
   t.throws(() => new NbdServer({ ...base, maxPayloadBytes: 100 }), { code: 'BM_ERR_NBD_INVALID_OPTION' });
   t.throws(() => new NbdServer({ ...base, maxInFlightRequestsPerConnection: 0 }), { code: 'BM_ERR_NBD_INVALID_OPTION' });
   t.throws(() => new NbdServer({ ...base, maxInFlightBytesPerConnection: 1.5 }), { code: 'BM_ERR_NBD_INVALID_OPTION' });
+  t.throws(() => new NbdServer({ ...base, maxConnections: 0 }), { code: 'BM_ERR_NBD_INVALID_OPTION' });
+  t.throws(() => new NbdServer({ ...base, maxPooledPayloadBytes: -1 }), { code: 'BM_ERR_NBD_INVALID_OPTION' });
+});
+
+t.test('maxConnections bounds handshaking plus transmitting connections', async (t) => {
+  const fx = await startServer(t, [{ name: 'vol0', sizeBytes: MiB }], { maxConnections: 2 });
+  const transmitting = await NbdTestClient.open(fx.socketPath, 'vol0');
+  const handshaking = await NbdTestClient.connect(fx.socketPath);
+  await handshaking.readGreeting();
+
+  const refused = await NbdTestClient.connect(fx.socketPath);
+  await refused.closed;
+  t.equal(refused.unreadBytes, 0, 'the third connection is closed before the greeting');
+  const refusedAgain = await NbdTestClient.connect(fx.socketPath);
+  await refusedAgain.closed;
+  const warnings = fx.logs.filter((l) => l.msg === 'nbd connection limit reached, refusing new connections');
+  t.equal(warnings.length, 1, 'one warning per interval, not one per refused socket');
+  t.equal(warnings[0]?.maxConnections, 2);
+  t.equal(warnings[0]?.level, 40, 'logged at warn');
+
+  t.notOk(handshaking.isClosed, 'connections under the bound are untouched');
+  t.equal((await transmitting.client.request({ type: P.NBD_CMD_READ, offsetBytes: 0, lengthBytes: 512 })).error, 0);
+
+  // A slot freed by a closed connection can be used again.
+  await transmitting.client.disconnect();
+  await waitFor(() => fx.server.connectionCount() === 0, 2000, 'the transmitting connection to close');
+  const again = await NbdTestClient.open(fx.socketPath, 'vol0');
+  t.equal(fx.server.connectionCount(), 1);
+  await again.client.disconnect();
+  handshaking.destroy();
 });
