@@ -1,5 +1,6 @@
 #include "io_engine.h"
 
+#include <cstdlib>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -462,7 +463,9 @@ void UringEngine::Shutdown() {
     // SQEs the kernel never took cannot complete: wait only for the ones it holds.
     size_t inflight = slots_.size() - freeSlots_.size() - ring_.pendingSubmit();
     while (inflight > 0) {
-      if (ring_.WaitCompletions(1) < 0) break;
+      // Freeing buffers the kernel may still write into would corrupt memory: if waiting fails
+      // there is no safe way on, so stop here.
+      if (ring_.WaitCompletions(1) < 0) abort();
       size_t reaped = ring_.Reap(cqeBatch_, kReapBatch);
       inflight = reaped >= inflight ? 0 : inflight - reaped;
     }

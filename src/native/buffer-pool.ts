@@ -35,9 +35,9 @@ export class BufferPool {
   readonly alignBytes: number;
   #idle: Buffer[][] = Array.from({ length: CLASS_COUNT }, () => []);
   #idleBytes = 0;
-  // Blocks lent out, keyed by their ArrayBuffer (unique per block); weak so a buffer that is
-  // never released does not leak through the pool.
-  #lent = new WeakMap<ArrayBufferLike, Buffer>();
+  // Blocks lent out, keyed by the view acquire() returned for this lend; weak so a buffer that
+  // is never released does not leak through the pool.
+  #lent = new WeakMap<Buffer, Buffer>();
 
   constructor(options: BufferPoolOptions) {
     const maxPooledBytes = options?.maxPooledBytes;
@@ -77,23 +77,26 @@ export class BufferPool {
         block = allocAligned(1 << (index + MIN_CLASS_SHIFT), this.alignBytes);
       }
     }
-    this.#lent.set(block.buffer, block);
-    return block.length === sizeBytes ? block : block.subarray(0, sizeBytes);
+    // A fresh view per lend: a stale release() of an earlier lend of the same block then fails
+    // instead of returning memory its current user is still writing.
+    const view = block.subarray(0, sizeBytes);
+    this.#lent.set(view, block);
+    return view;
   }
 
   /** Returns a buffer from acquire(). A buffer this pool did not lend (or one released twice)
    *  throws BM_ERR_POOL_FOREIGN: that is a programming error that could hand the same memory
    *  to two users. */
   release(buffer: Buffer): void {
-    const block = Buffer.isBuffer(buffer) ? this.#lent.get(buffer.buffer) : undefined;
-    if (block === undefined || buffer.byteOffset !== block.byteOffset) {
+    const block = Buffer.isBuffer(buffer) ? this.#lent.get(buffer) : undefined;
+    if (block === undefined) {
       throw new NativeError('buffer was not acquired from this pool, or was released twice', {
         code: 'BM_ERR_POOL_FOREIGN',
         errno: 0,
         syscall: '',
       });
     }
-    this.#lent.delete(block.buffer);
+    this.#lent.delete(buffer);
     if (block.length > 1 << MAX_CLASS_SHIFT) return;
     if (this.#idleBytes + block.length > this.maxPooledBytes) return;
     const index = classIndexFor(block.length);

@@ -67,6 +67,12 @@ t.test('foreign buffers and double release are refused', async (tt) => {
   tt.throws(() => pool.release(buffer.subarray(512)), { code: 'BM_ERR_POOL_FOREIGN' }, 'a view at another offset');
   pool.release(buffer);
   tt.throws(() => pool.release(buffer), { code: 'BM_ERR_POOL_FOREIGN' }, 'double release');
+  // The block is lent again; a stale release of the first lend must not hand it back while the
+  // second borrower still uses it.
+  const again = pool.acquire(4096);
+  tt.equal(again.buffer, buffer.buffer, 'same block reused');
+  tt.throws(() => pool.release(buffer), { code: 'BM_ERR_POOL_FOREIGN' }, 'stale release after the block was lent again');
+  pool.release(again);
 });
 
 t.test('options are validated', async (tt) => {
