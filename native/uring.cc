@@ -18,10 +18,6 @@ static int SysEnter(int fd, unsigned toSubmit, unsigned minComplete, unsigned fl
   return static_cast<int>(syscall(__NR_io_uring_enter, fd, toSubmit, minComplete, flags, nullptr, 0));
 }
 
-static int SysRegister(int fd, unsigned opcode, const void* arg, unsigned count) {
-  return static_cast<int>(syscall(__NR_io_uring_register, fd, opcode, arg, count));
-}
-
 Ring::~Ring() {
   if (sqes_ != nullptr) munmap(sqes_, sqesBytes_);
   if (cqRing_ != nullptr && cqRing_ != sqRing_) munmap(cqRing_, cqRingBytes_);
@@ -89,10 +85,6 @@ int Ring::Setup(unsigned sqEntries, unsigned cqEntries) {
   for (unsigned i = 0; i < sqEntries_; i++) sqArray_[i] = i;
   sqLocalTail_ = *sqTail_;
   return 0;
-}
-
-int Ring::RegisterEventFd(int eventFd) {
-  return SysRegister(ringFd_, IORING_REGISTER_EVENTFD, &eventFd, 1) < 0 ? errno : 0;
 }
 
 bool Ring::SqFull() const {

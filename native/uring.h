@@ -18,9 +18,9 @@ class Ring {
 
   // Returns 0 or a positive errno (ENOSYS, EPERM when io_uring_disabled, ...).
   int Setup(unsigned sqEntries, unsigned cqEntries);
-  // Registers eventFd so every posted CQE signals it. Returns 0 or errno.
-  int RegisterEventFd(int eventFd);
 
+  // Polls readable (epoll) while completions are waiting in the CQ.
+  int fd() const { return ringFd_; }
   unsigned sqEntries() const { return sqEntries_; }
   unsigned cqEntries() const { return cqEntries_; }
   // SQEs written locally and not yet handed to the kernel with io_uring_enter.
