@@ -1,0 +1,130 @@
+// Frames over any Duplex (net.Socket, tls.TLSSocket, an in-memory pair): send with one corked
+// writev per frame, receive one decoded frame at a time. Decoded frames wait in a bounded queue;
+// above it the stream is paused, so a fast peer cannot make us buffer without limit.
+
+import type { Duplex } from 'node:stream';
+
+import { WireError } from './errors';
+import { encodeFrame, FrameDecoder, type Frame, type FrameDecoderOptions } from './frame';
+import type { WireMessage } from './messages';
+
+export interface FrameChannelOptions extends FrameDecoderOptions {
+  /** Decoded frames held before the stream is paused. Default 64. */
+  queuedFramesMax?: number;
+}
+
+interface Waiter {
+  resolve: (frame: Frame) => void;
+  reject: (error: Error) => void;
+}
+
+export class FrameChannel {
+  readonly stream: Duplex;
+  readonly #decoder: FrameDecoder;
+  readonly #queuedFramesMax: number;
+  readonly #queue: Frame[] = [];
+  #waiter: Waiter | undefined;
+  #failure: Error | undefined;
+
+  constructor(stream: Duplex, options: FrameChannelOptions = {}) {
+    this.stream = stream;
+    this.#decoder = new FrameDecoder(options);
+    this.#queuedFramesMax = options.queuedFramesMax ?? 64;
+    if (!Number.isSafeInteger(this.#queuedFramesMax) || this.#queuedFramesMax < 1) {
+      throw new RangeError(`queuedFramesMax must be a positive integer, got ${this.#queuedFramesMax}`);
+    }
+    stream.on('data', this.#onData);
+    stream.on('end', this.#onEnd);
+    stream.on('close', this.#onEnd);
+    stream.on('error', this.#onError);
+  }
+
+  /** Writes one frame. Returns the stream's write() result (false: wait for 'drain'). */
+  send(message: WireMessage, payload?: Uint8Array): boolean {
+    const buffers = encodeFrame(message, payload, { payloadBytesMax: this.#decoder.payloadBytesMax });
+    this.stream.cork();
+    let flowing = true;
+    for (const buffer of buffers) flowing = this.stream.write(buffer);
+    process.nextTick(() => this.stream.uncork());
+    return flowing;
+  }
+
+  /** Next frame. Rejects with the decoder's WireError, the stream's error, BM_ERR_WIRE_CLOSED,
+   *  or the signal's reason when aborted. One receive at a time. */
+  receive(signal?: AbortSignal): Promise<Frame> {
+    if (this.#waiter !== undefined) throw new Error('FrameChannel.receive is already pending');
+    const frame = this.#queue.shift();
+    if (frame !== undefined) {
+      if (this.#queue.length < this.#queuedFramesMax && this.#failure === undefined) this.stream.resume();
+      return Promise.resolve(frame);
+    }
+    if (this.#failure !== undefined) return Promise.reject(this.#failure);
+    if (signal?.aborted === true) return Promise.reject(signal.reason as Error);
+    return new Promise<Frame>((resolve, reject) => {
+      const onAbort = (): void => {
+        this.#waiter = undefined;
+        reject(signal?.reason as Error);
+      };
+      signal?.addEventListener('abort', onAbort, { once: true });
+      this.#waiter = {
+        resolve: (next) => {
+          signal?.removeEventListener('abort', onAbort);
+          resolve(next);
+        },
+        reject: (error) => {
+          signal?.removeEventListener('abort', onAbort);
+          reject(error);
+        },
+      };
+    });
+  }
+
+  /** Stops listening to the stream (it stays open), e.g. to hand it to another layer. Frames
+   *  still queued are returned. */
+  detach(): Frame[] {
+    this.stream.off('data', this.#onData);
+    this.stream.off('end', this.#onEnd);
+    this.stream.off('close', this.#onEnd);
+    this.stream.off('error', this.#onError);
+    this.#fail(new WireError('BM_ERR_WIRE_CLOSED', 'channel detached'));
+    return this.#queue.splice(0);
+  }
+
+  readonly #onData = (chunk: Buffer): void => {
+    let frames: Frame[];
+    try {
+      frames = this.#decoder.push(chunk);
+    } catch (error) {
+      this.stream.pause();
+      this.#fail(error as Error);
+      return;
+    }
+    for (const frame of frames) {
+      const waiter = this.#waiter;
+      if (waiter !== undefined) {
+        this.#waiter = undefined;
+        waiter.resolve(frame);
+      } else {
+        this.#queue.push(frame);
+      }
+    }
+    if (this.#queue.length >= this.#queuedFramesMax) this.stream.pause();
+  };
+
+  readonly #onEnd = (): void => {
+    const detail = this.#decoder.atFrameBoundary ? '' : ' in the middle of a frame';
+    this.#fail(new WireError('BM_ERR_WIRE_CLOSED', `stream closed${detail}`));
+  };
+
+  readonly #onError = (error: Error): void => {
+    this.#fail(error);
+  };
+
+  #fail(error: Error): void {
+    if (this.#failure !== undefined) return;
+    this.#failure = error;
+    const waiter = this.#waiter;
+    this.#waiter = undefined;
+    waiter?.reject(error);
+  }
+}
