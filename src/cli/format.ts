@@ -1,5 +1,5 @@
 // Human output for the CLI. Scripts use --json; nothing here is meant to be parsed.
-import type { StatusResult, VolumeInfo, VolumeRemoveResult } from '../control/protocol';
+import type { PeerInfo, PeerRemoveResult, StatusResult, VolumeInfo, VolumeRemoveResult } from '../control/protocol';
 
 const sizeUnits = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
 
@@ -38,11 +38,17 @@ export function formatVolumeList(volumes: readonly VolumeInfo[]): string {
       volume.name,
       volume.state,
       formatSize(volume.sizeBytes),
-      volume.readOnly ? 'ro' : 'rw',
+      volumeMode(volume),
       String(volume.connections),
       volume.device,
     ]),
   );
+}
+
+/** The MODE column: what an NBD client may do. */
+function volumeMode(volume: VolumeInfo): string {
+  if (volume.readOnly) return 'ro';
+  return volume.role === 'mirror' ? 'mirror' : 'rw';
 }
 
 export function formatVolumeInfo(volume: VolumeInfo): string {
@@ -56,7 +62,8 @@ export function formatVolumeInfo(volume: VolumeInfo): string {
   fields.push(
     ['size', volume.sizeBytes === null ? '-' : `${formatSize(volume.sizeBytes)} (${volume.sizeBytes} bytes)`],
     ['sectors', volume.logicalSectorBytes === null ? '-' : `${volume.logicalSectorBytes} logical, ${volume.physicalSectorBytes} physical`],
-    ['mode', volume.readOnly ? 'read-only' : 'read-write'],
+    ['role', volume.role],
+    ['mode', volume.readOnly ? 'read-only' : volume.role === 'mirror' ? 'read-only to clients (mirror target)' : 'read-write'],
     ['connections', String(volume.connections)],
     ['nbd uri', volume.nbdUri],
   );
@@ -77,9 +84,34 @@ export function formatStatus(status: StatusResult): string {
     ['control socket', status.controlSocket],
     ['nbd socket', status.nbdSocket],
     ['nbd tcp', status.nbdListen ?? '-'],
+    ['replication', status.replicationListen === null ? '-' : `${status.replicationListen} (reserved, not listening yet)`],
     ['state dir', status.stateDir],
+    ['peers', String(status.peers)],
     ['volumes', `${status.volumes} (${status.volumesInError} in error)`],
     ['connections', String(status.connections)],
     ['io engine', status.ioEngine],
   ]);
+}
+
+export function formatPeerList(peers: readonly PeerInfo[]): string {
+  if (peers.length === 0) return 'no peers\n';
+  return formatTable(
+    ['NAME', 'ADDRESS', 'SECRET', 'SECRET FILE'],
+    peers.map((peer) => [peer.name, peer.address, peer.secretFileError === undefined ? 'ok' : 'unusable', peer.secretFile]),
+  );
+}
+
+export function formatPeerInfo(peer: PeerInfo): string {
+  const fields: Array<[string, string]> = [
+    ['name', peer.name],
+    ['address', peer.address],
+    ['secret file', peer.secretFile],
+    ['secret', peer.secretFileError === undefined ? 'ok' : `unusable: ${peer.secretFileError}`],
+    ['created', peer.createdAt],
+  ];
+  return formatFields(fields);
+}
+
+export function formatPeerRemoved(result: PeerRemoveResult): string {
+  return `removed peer ${result.name}\n`;
 }

@@ -7,7 +7,7 @@ import { ControlClient } from '../control/client';
 import { BmError, ControlErrorCode, errorCode, errorMessage } from '../control/errors';
 import type { MethodName, MethodParams, MethodResults } from '../control/protocol';
 import { packageVersion } from '../daemon/version';
-import { formatRemoved, formatStatus, formatVolumeInfo, formatVolumeList } from './format';
+import { formatPeerInfo, formatPeerList, formatPeerRemoved, formatRemoved, formatStatus, formatVolumeInfo, formatVolumeList } from './format';
 
 export const exitCodes = { ok: 0, daemonError: 1, usage: 2, unreachable: 3 } as const;
 const requestTimeoutMsDefault = 60_000;
@@ -57,9 +57,15 @@ function buildProgram(): Command {
     .description('register a block device (or file) as a volume and export it over NBD')
     .requiredOption('--device <path>', 'block device or file to serve')
     .option('--read-only', 'export read-only', false)
+    .option('--mirror', 'a replication target: read-only to NBD clients, written only by the mirror service', false)
     .exitOverride()
-    .action((name: string, options: { device: string; readOnly: boolean }) =>
-      call(program, 'volume.add', { name, device: path.resolve(options.device), readOnly: options.readOnly }, formatVolumeInfo),
+    .action((name: string, options: { device: string; readOnly: boolean; mirror: boolean }) =>
+      call(
+        program,
+        'volume.add',
+        { name, device: path.resolve(options.device), readOnly: options.readOnly, role: options.mirror ? 'mirror' : 'primary' },
+        formatVolumeInfo,
+      ),
     );
   volume
     .command('list')
@@ -77,6 +83,31 @@ function buildProgram(): Command {
     .option('--force', 'disconnect NBD clients first instead of refusing', false)
     .exitOverride()
     .action((name: string, options: { force: boolean }) => call(program, 'volume.remove', { name, force: options.force }, formatRemoved));
+  const peer = program.command('peer').description('add, list, inspect and remove replication peers').exitOverride();
+  peer
+    .command('add <name>')
+    .description('register a peer daemon and the file holding the secret shared with it')
+    .requiredOption('--address <host:port>', "the peer's replication address")
+    .requiredOption('--secret-file <path>', 'file with the shared secret (mode 0600, at least 16 bytes); only the path is stored')
+    .exitOverride()
+    .action((name: string, options: { address: string; secretFile: string }) =>
+      call(program, 'peer.add', { name, address: options.address, secretFile: path.resolve(options.secretFile) }, formatPeerInfo),
+    );
+  peer
+    .command('list')
+    .description('list peers')
+    .exitOverride()
+    .action(() => call(program, 'peer.list', {}, (result) => formatPeerList(result.peers)));
+  peer
+    .command('info <name>')
+    .description('show one peer and whether its secret file is usable')
+    .exitOverride()
+    .action((name: string) => call(program, 'peer.info', { name }, formatPeerInfo));
+  peer
+    .command('remove <name>')
+    .description('forget a peer (its secret file is not touched)')
+    .exitOverride()
+    .action((name: string) => call(program, 'peer.remove', { name }, formatPeerRemoved));
   program
     .command('status')
     .description('show daemon status')

@@ -21,6 +21,9 @@ export interface DaemonConfig {
   controlSocket: string;
   nbdSocket: string;
   nbdListen: HostPort | null;
+  /** Replication address (--listen). Reserved: validated and reported, but nothing listens on it
+   *  until replication arrives. */
+  replicationListen: HostPort | null;
   stateDir: string;
   logLevel: LogLevel;
   /** The file that was read, or null when the default file does not exist. */
@@ -53,6 +56,11 @@ export const configFileSchema = z.strictObject({
   controlSocket: socketPath.optional(),
   nbdSocket: socketPath.optional(),
   nbdListen: z
+    .string()
+    .refine((value) => parseHostPort(value) !== null, 'expected HOST:PORT')
+    .nullable()
+    .optional(),
+  listen: z
     .string()
     .refine((value) => parseHostPort(value) !== null, 'expected HOST:PORT')
     .nullable()
@@ -96,6 +104,7 @@ export interface CliConfig {
   controlSocket?: string;
   nbdSocket?: string;
   nbdListen?: string;
+  listen?: string;
   stateDir?: string;
   logLevel?: string;
 }
@@ -124,6 +133,14 @@ export function resolveConfig(cli: CliConfig): DaemonConfig {
     nbdListen = parseHostPort(file.nbdListen);
   }
 
+  let replicationListen: HostPort | null = null;
+  if (cli.listen !== undefined) {
+    replicationListen = parseHostPort(cli.listen);
+    if (replicationListen === null) throw cliError('--listen', 'expected HOST:PORT');
+  } else if (file?.listen != null) {
+    replicationListen = parseHostPort(file.listen);
+  }
+
   let logLevel: LogLevel = file?.logLevel ?? defaults.logLevel;
   if (cli.logLevel !== undefined) {
     const parsed = z.enum(logLevels).safeParse(cli.logLevel);
@@ -135,6 +152,7 @@ export function resolveConfig(cli: CliConfig): DaemonConfig {
     controlSocket: cli.controlSocket !== undefined ? cliSocketPath('--control-socket', cli.controlSocket) : (file?.controlSocket ?? defaults.controlSocket),
     nbdSocket: cli.nbdSocket !== undefined ? cliSocketPath('--nbd-socket', cli.nbdSocket) : (file?.nbdSocket ?? defaults.nbdSocket),
     nbdListen,
+    replicationListen,
     stateDir: cli.stateDir !== undefined ? path.resolve(cli.stateDir) : (file?.stateDir ?? defaults.stateDir),
     logLevel,
     configPath: file === null ? null : configPath,

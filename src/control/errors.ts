@@ -14,6 +14,10 @@ export const ControlErrorCode = {
   DeviceInUse: 'BM_ERR_DEVICE_IN_USE',
   DeviceNotFound: 'BM_ERR_DEVICE_NOT_FOUND',
   DeviceOpen: 'BM_ERR_DEVICE_OPEN',
+  PeerExists: 'BM_ERR_PEER_EXISTS',
+  PeerNotFound: 'BM_ERR_PEER_NOT_FOUND',
+  /** A peer's secret file is missing, unreadable, too open, too short or too long. */
+  SecretFile: 'BM_ERR_SECRET_FILE',
   ShuttingDown: 'BM_ERR_SHUTTING_DOWN',
   /** Persisting the registry failed; the change was rolled back. */
   StateWrite: 'BM_ERR_STATE_WRITE',

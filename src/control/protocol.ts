@@ -1,6 +1,7 @@
 // The control protocol: newline-delimited JSON over a Unix socket, one request line answered by
 // one response line. docs/CONTROL.md is the human description of what is defined here.
 import { z } from 'zod';
+import { parseHostPort, type HostPort } from '../config/config';
 
 /** Longest request or response line, newline excluded. Longer request lines close the connection. */
 export const controlLineBytesMax = 1024 * 1024;
@@ -13,6 +14,24 @@ const volumeName = z
   .string()
   .regex(volumeNamePattern, 'expected 1 to 64 characters from [A-Za-z0-9._-]')
   .refine((name) => name !== '.' && name !== '..', 'must not be "." or ".."');
+
+/** Peers follow the volume name rules: the name appears in logs, status and (later) the wire. */
+const peerName = volumeName;
+
+/** Longest HOST:PORT a peer address may be (a DNS name is at most 253 bytes). */
+export const peerAddressBytesMax = 261;
+
+/** "host:port" or "[v6]:port", port 1-65535 (a peer has a real port; 0 means "any" only for
+ *  listening). The host is not resolved here: DNS may change before the first connection. */
+export function parsePeerAddress(text: string): HostPort | null {
+  const parsed = parseHostPort(text);
+  return parsed === null || parsed.port < 1 ? null : parsed;
+}
+
+export const volumeRoles = ['primary', 'mirror'] as const;
+/** primary: read-write to NBD clients (unless readOnly); mirror: the target of replication,
+ *  read-only to NBD clients while the daemon holds the device read-write for the mirror service. */
+export type VolumeRole = (typeof volumeRoles)[number];
 
 export const requestEnvelopeSchema = z.strictObject({
   id: z.union([z.string().max(128), z.number().int().safe()]),
@@ -27,10 +46,22 @@ export const paramsSchemas = {
     name: volumeName,
     device: z.string().min(1).max(4096).startsWith('/', 'expected an absolute path'),
     readOnly: z.boolean().optional(),
+    role: z.enum(volumeRoles).optional(),
   }),
   'volume.list': z.strictObject({}),
   'volume.info': z.strictObject({ name: volumeName }),
   'volume.remove': z.strictObject({ name: volumeName, force: z.boolean().optional() }),
+  'peer.add': z.strictObject({
+    name: peerName,
+    address: z
+      .string()
+      .max(peerAddressBytesMax)
+      .refine((value) => parsePeerAddress(value) !== null, 'expected HOST:PORT with a port from 1 to 65535'),
+    secretFile: z.string().min(1).max(4096).startsWith('/', 'expected an absolute path'),
+  }),
+  'peer.list': z.strictObject({}),
+  'peer.info': z.strictObject({ name: peerName }),
+  'peer.remove': z.strictObject({ name: peerName }),
   status: z.strictObject({}),
 } as const;
 
@@ -49,7 +80,10 @@ export interface VolumeInfo {
   name: string;
   uuid: string;
   device: string;
+  /** Opened O_RDONLY and exported read-only (volume.add readOnly). */
   readOnly: boolean;
+  /** A mirror volume is read-only to NBD clients even though readOnly is false. */
+  role: VolumeRole;
   state: VolumeState;
   /** Why the volume is in state 'error' or 'failed'; absent when online. */
   reason?: string;
@@ -69,6 +103,24 @@ export interface VolumeRemoveResult {
   disconnected: number;
 }
 
+/** One peer as peer.info, peer.list and peer.add report it. The secret itself is never sent. */
+export interface PeerInfo {
+  name: string;
+  /** HOST:PORT of the peer's replication listener. */
+  address: string;
+  host: string;
+  port: number;
+  /** Path of the shared-secret file, as registered. */
+  secretFile: string;
+  /** Why the secret file fails the check now (it passed at peer.add); absent when it is usable. */
+  secretFileError?: string;
+  createdAt: string;
+}
+
+export interface PeerRemoveResult {
+  name: string;
+}
+
 export interface StatusResult {
   version: string;
   pid: number;
@@ -76,7 +128,10 @@ export interface StatusResult {
   controlSocket: string;
   nbdSocket: string;
   nbdListen: string | null;
+  /** Configured replication address (--listen); reserved, nothing listens on it yet. */
+  replicationListen: string | null;
   stateDir: string;
+  peers: number;
   volumes: number;
   volumesInError: number;
   connections: number;
@@ -88,6 +143,10 @@ export interface MethodResults {
   'volume.list': { volumes: VolumeInfo[] };
   'volume.info': VolumeInfo;
   'volume.remove': VolumeRemoveResult;
+  'peer.add': PeerInfo;
+  'peer.list': { peers: PeerInfo[] };
+  'peer.info': PeerInfo;
+  'peer.remove': PeerRemoveResult;
   status: StatusResult;
 }
 

@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import type { DaemonConfig } from '../config/config';
+import type { DaemonConfig, HostPort } from '../config/config';
 import { BmError, errorCode } from '../control/errors';
 import type { StatusResult } from '../control/protocol';
 import { ControlServer } from '../control/server';
@@ -14,6 +14,7 @@ import { ioEngine, lockFileExclusive, sdNotify } from '../native/index';
 import { NbdServer } from '../nbd/server';
 import { Volume } from '../volume/volume';
 import { SystemdNotifier } from './notify';
+import { loadPeers, PeerManager } from './peers';
 import { loadRegistry } from './registry';
 import { packageVersion } from './version';
 import { VolumeManager, type VolumeUris } from './volume-manager';
@@ -36,6 +37,7 @@ export class Daemon {
   private readonly startedAtMs = Date.now();
   private lock: Lock | null = null;
   private volumes: VolumeManager | null = null;
+  private peers: PeerManager | null = null;
   private nbd: NbdServer | null = null;
   private control: ControlServer | null = null;
   private nbdListening = false;
@@ -65,6 +67,9 @@ export class Daemon {
     }
 
     const records = loadRegistry(config.stateDir);
+    const peers = new PeerManager({ stateDir: config.stateDir, logger: logger.child({ component: 'peers' }) });
+    peers.load(loadPeers(config.stateDir));
+    this.peers = peers;
     const volumes = new VolumeManager({
       stateDir: config.stateDir,
       logger: logger.child({ component: 'volumes' }),
@@ -100,12 +105,19 @@ export class Daemon {
         'volume.list': async () => ({ volumes: volumes.list() }),
         'volume.info': async (params) => volumes.info(params.name),
         'volume.remove': (params) => volumes.remove(params),
+        'peer.add': (params) => peers.add(params),
+        'peer.list': async () => ({ peers: peers.list() }),
+        'peer.info': async (params) => peers.info(params.name),
+        'peer.remove': (params) => peers.remove(params),
         status: async () => this.status(),
       },
     });
     await this.control.listen(config.controlSocket);
     this.checkNotStopping();
 
+    if (config.replicationListen !== null) {
+      logger.warn({ replicationListen: formatHostPort(config.replicationListen) }, 'replication address recorded; nothing listens on it until replication is implemented');
+    }
     const status = `serving ${volumes.size} volume(s), ${volumes.errorCount} in error`;
     this.notifier.ready(status);
     this.notifier.startWatchdog();
@@ -118,6 +130,7 @@ export class Daemon {
         stateDir: config.stateDir,
         volumes: volumes.size,
         volumesInError: volumes.errorCount,
+        peers: peers.size,
         ioEngine,
       },
       'ready',
@@ -145,6 +158,7 @@ export class Daemon {
       }
     };
     if (this.control !== null) await step('closing the control socket', () => this.control?.close());
+    if (this.peers !== null) await step('finishing peer changes', () => this.peers?.close());
     if (this.nbd !== null) await step('closing the NBD server', () => this.nbd?.close());
     if (this.volumes !== null) await step('closing volumes', () => this.volumes?.closeAll());
     // Only a socket we listened on: after BM_ERR_SOCKET_IN_USE the file belongs to someone else.
@@ -190,11 +204,17 @@ export class Daemon {
       controlSocket: this.config.controlSocket,
       nbdSocket: this.config.nbdSocket,
       nbdListen: this.config.nbdListen === null || this.nbdTcpPort === null ? null : `${this.config.nbdListen.host}:${this.nbdTcpPort}`,
+      replicationListen: this.config.replicationListen === null ? null : formatHostPort(this.config.replicationListen),
       stateDir: this.config.stateDir,
+      peers: this.peers?.size ?? 0,
       volumes: volumes?.size ?? 0,
       volumesInError: volumes?.errorCount ?? 0,
       connections: nbd?.connectionCount() ?? 0,
       ioEngine,
     };
   }
+}
+
+function formatHostPort(address: HostPort): string {
+  return `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
 }

@@ -20,6 +20,7 @@ function parseArgs(argv: readonly string[]): CliConfig {
     .option('--control-socket <path>', `control socket (default ${defaults.controlSocket})`)
     .option('--nbd-socket <path>', `NBD Unix socket (default ${defaults.nbdSocket})`)
     .option('--nbd-listen <host:port>', 'also serve NBD on TCP (default: off)')
+    .option('--listen <host:port>', 'replication address (reserved: recorded and shown in status; the listener arrives with replication)')
     .option('--state-dir <path>', `state directory (default ${defaults.stateDir})`)
     .option('--config <path>', `JSON config file (default ${defaultConfigPath}, optional)`)
     .option('--log-level <level>', `${logLevels.join('|')} (default ${defaults.logLevel})`)

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { z } from 'zod';
 import { formatFirstIssue } from '../config/zod-issues';
 import { BmError, errorCode } from '../control/errors';
-import { volumeNamePattern } from '../control/protocol';
+import { volumeNamePattern, volumeRoles } from '../control/protocol';
 import { writeFileAtomicSync } from './atomic-file';
 
 export const registryVersion = 1;
@@ -19,9 +19,11 @@ const volumeRecordSchema = z.strictObject({
   uuid: z.uuid(),
   device: z.string().startsWith('/'),
   readOnly: z.boolean(),
+  // Added after version 1 was released; records written before it are primaries.
+  role: z.enum(volumeRoles).default('primary'),
   createdAt: z.iso.datetime(),
-});
-export type VolumeRecord = z.infer<typeof volumeRecordSchema>;
+}).refine((record) => !(record.role === 'mirror' && record.readOnly), 'a mirror volume cannot be readOnly (the mirror service writes to it)');
+export type VolumeRecord = z.output<typeof volumeRecordSchema>;
 
 const registryFileSchema = z.strictObject({
   version: z.literal(registryVersion),

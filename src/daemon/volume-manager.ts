@@ -162,11 +162,17 @@ export class VolumeManager {
           throw new BmError(ControlErrorCode.DeviceInUse, `device ${device} is already used by volume ${other.record.name}`);
         }
       }
+      const role = params.role ?? 'primary';
+      const readOnly = params.readOnly ?? false;
+      if (role === 'mirror' && readOnly) {
+        throw new BmError(ControlErrorCode.InvalidArgument, 'readOnly: a mirror volume is already read-only to NBD clients, and the mirror service must write to its device');
+      }
       const record: VolumeRecord = {
         name: params.name,
         uuid: crypto.randomUUID(),
         device,
-        readOnly: params.readOnly ?? false,
+        readOnly,
+        role,
         createdAt: new Date().toISOString(),
       };
       let volume: OpenVolume;
@@ -183,7 +189,7 @@ export class VolumeManager {
         throw new BmError(ControlErrorCode.StateWrite, `volume ${params.name} not added: writing the registry failed: ${errorMessage(error)}`, { cause: error });
       }
       this.entries.set(record.name, entry);
-      this.logger.info({ volume: record.name, uuid: record.uuid, device }, 'volume added');
+      this.logger.info({ volume: record.name, uuid: record.uuid, device, role }, 'volume added');
       return this.describe(entry);
     });
   }
@@ -239,7 +245,7 @@ export class VolumeManager {
   }
 
   private open(record: VolumeRecord): OpenVolume {
-    const spec: VolumeSpec = { name: record.name, uuid: record.uuid, devicePath: record.device, readOnly: record.readOnly };
+    const spec: VolumeSpec = { name: record.name, uuid: record.uuid, devicePath: record.device, readOnly: record.readOnly, role: record.role };
     // Volume adds its own { volume: name } binding.
     return this.openVolume(spec, this.logger);
   }
@@ -266,6 +272,7 @@ export class VolumeManager {
       uuid: record.uuid,
       device: record.device,
       readOnly: record.readOnly,
+      role: record.role,
       state: volume === null ? 'error' : volume.failure() !== undefined ? 'failed' : 'online',
       sizeBytes: backendInfo?.sizeBytes ?? null,
       logicalSectorBytes: backendInfo?.logicalSectorBytes ?? null,

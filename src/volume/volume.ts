@@ -22,7 +22,12 @@ export interface VolumeSpec {
   name: string;
   uuid: string;
   devicePath: string;
+  /** Open the device O_RDONLY; every write is refused. */
   readOnly: boolean;
+  /** 'mirror': the target of replication. The device is opened read-write (and exclusively) for
+   *  the mirror service, which writes through mirrorWrite(); NBD clients see a read-only export.
+   *  Default 'primary'. */
+  role?: 'primary' | 'mirror';
 }
 
 export interface VolumeStats {
@@ -76,18 +81,23 @@ export class Volume implements BlockBackend {
   private failedError: VolumeError | undefined;
   /** Whether the device zeroes a range without writing the zeroes (NBD FAST_ZERO). */
   private readonly zeroIsFast: { mayDeallocate: boolean; noHole: boolean };
+  /** NBD clients may not write: a read-only volume, or a mirror target. */
+  private readonly clientReadOnly: boolean;
 
   private constructor(spec: VolumeSpec, file: BlockFile, logger: Logger) {
     this.spec = spec;
     this.file = file;
     this.deviceInfo = file.info;
     this.sectorBytes = file.info.logicalSectorBytes;
+    assert(!(spec.readOnly && spec.role === 'mirror'), 'a mirror volume must be opened read-write');
+    this.clientReadOnly = spec.readOnly || spec.role === 'mirror';
     assert(this.sectorBytes >= 512 && (this.sectorBytes & (this.sectorBytes - 1)) === 0);
     this.backendInfo = {
       sizeBytes: file.info.sizeBytes,
       logicalSectorBytes: file.info.logicalSectorBytes,
       physicalSectorBytes: file.info.physicalSectorBytes,
-      readOnly: spec.readOnly,
+      // NBD advertises NBD_FLAG_READ_ONLY from this, and refuses client writes with EPERM.
+      readOnly: this.clientReadOnly,
       canTrim: true,
     };
     this.zeroIsFast = probeFastZero(file.info);
@@ -166,6 +176,24 @@ export class Volume implements BlockBackend {
     } catch (error) {
       return Promise.reject(error);
     }
+    return this.writeChecked(offsetBytes, data, fua);
+  }
+
+  /** The mirror service's write path into a mirror volume, which NBD clients cannot write. Not
+   *  part of BlockBackend, so the NBD server has no way to reach it. Same ordering, alignment
+   *  and failure handling as a client write. */
+  mirrorWrite(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
+    try {
+      if (this.spec.role !== 'mirror') throw new VolumeError('EPERM', `volume ${this.spec.name} is not a mirror volume`);
+      this.checkDeviceWritable();
+      this.checkRange(offsetBytes, data.length);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    return this.writeChecked(offsetBytes, data, fua);
+  }
+
+  private writeChecked(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
     this.begin();
     this.counters.writeOps++;
     this.counters.writeBytes += data.length;
@@ -376,7 +404,18 @@ export class Volume implements BlockBackend {
     throw error;
   };
 
+  /** For client writes (NBD): refused on read-only and mirror volumes. */
   private checkWritable(): void {
+    this.checkNotFailed();
+    if (this.clientReadOnly) {
+      const why = this.spec.readOnly ? 'read-only' : 'a mirror volume (read-only to clients)';
+      throw new VolumeError('EPERM', `volume ${this.spec.name} is ${why}`);
+    }
+    if (this.closing !== undefined) throw new VolumeError('ESHUTDOWN', `volume ${this.spec.name} is closing`);
+  }
+
+  /** For the mirror service's writes: the device itself must be writable. */
+  private checkDeviceWritable(): void {
     this.checkNotFailed();
     if (this.spec.readOnly) throw new VolumeError('EPERM', `volume ${this.spec.name} is read-only`);
     if (this.closing !== undefined) throw new VolumeError('ESHUTDOWN', `volume ${this.spec.name} is closing`);

@@ -24,6 +24,7 @@ function writeConfig(t: Parameters<typeof scratchDir>[0], content: string): stri
 t.test('errors name the file and the field', async (t) => {
   const cases: Array<[string, RegExp]> = [
     ['{"nbdListen": "nope"}', /^config \/.*blockmirror\.json: nbdListen: expected HOST:PORT$/],
+    ['{"listen": "nope"}', /: listen: expected HOST:PORT$/],
     ['{"stateDir": "relative"}', /: stateDir: expected an absolute path$/],
     ['{"logLevel": "loud"}', /: logLevel: /],
     ['{"controlSocket": 5}', /: controlSocket: /],
@@ -45,12 +46,13 @@ t.test('a missing file is fine only at the default path', async (t) => {
 });
 
 t.test('flags override the file, the file overrides defaults', async (t) => {
-  const file = writeConfig(t, JSON.stringify({ stateDir: '/srv/bm', nbdListen: '127.0.0.1:10809', logLevel: 'debug', controlSocket: '/run/x/c.sock' }));
+  const file = writeConfig(t, JSON.stringify({ stateDir: '/srv/bm', nbdListen: '127.0.0.1:10809', listen: '0.0.0.0:7800', logLevel: 'debug', controlSocket: '/run/x/c.sock' }));
   const fromFile = resolveConfig({ config: file });
   t.same(fromFile, {
     controlSocket: '/run/x/c.sock',
     nbdSocket: defaults.nbdSocket,
     nbdListen: { host: '127.0.0.1', port: 10809 },
+    replicationListen: { host: '0.0.0.0', port: 7800 },
     stateDir: '/srv/bm',
     logLevel: 'debug',
     configPath: file,
@@ -58,6 +60,8 @@ t.test('flags override the file, the file overrides defaults', async (t) => {
   const flagged = resolveConfig({ config: file, stateDir: 'rel/state', nbdListen: '[::1]:1', logLevel: 'warn' });
   t.equal(flagged.stateDir, path.resolve('rel/state'));
   t.same(flagged.nbdListen, { host: '::1', port: 1 });
+  t.same(resolveConfig({ config: file, listen: '127.0.0.1:7801' }).replicationListen, { host: '127.0.0.1', port: 7801 });
+  t.throws(() => resolveConfig({ config: file, listen: 'x' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: '--listen: expected HOST:PORT' });
   t.equal(flagged.logLevel, 'warn');
   t.throws(() => resolveConfig({ config: file, nbdListen: 'x' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: '--nbd-listen: expected HOST:PORT' });
   t.throws(() => resolveConfig({ config: file, logLevel: 'x' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: /^--log-level: / });

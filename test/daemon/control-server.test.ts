@@ -20,6 +20,7 @@ function fakeVolume(name: string): VolumeInfo {
     uuid: '00000000-0000-4000-8000-000000000000',
     device: '/dev/null',
     readOnly: false,
+    role: 'primary',
     state: 'online',
     sizeBytes: 1024,
     logicalSectorBytes: 512,
@@ -50,10 +51,19 @@ async function startServer(t: Test) {
       calls.push({ method: 'volume.remove', params });
       throw new Error('boom: a bug in a handler');
     },
+    'peer.add': async (params) => {
+      calls.push({ method: 'peer.add', params });
+      return { name: params.name, address: params.address, host: '', port: 1, secretFile: params.secretFile, createdAt: '' };
+    },
+    'peer.list': async () => ({ peers: [] }),
+    'peer.info': async (params) => {
+      throw new BmError('BM_ERR_PEER_NOT_FOUND', `peer ${params.name} does not exist`);
+    },
+    'peer.remove': async (params) => ({ name: params.name }),
     status: async () => {
       calls.push({ method: 'status', params: {} });
       await new Promise((resolve) => setTimeout(resolve, 20));
-      return { version: 'x', pid: 1, uptimeSeconds: 0, controlSocket: '', nbdSocket: '', nbdListen: null, stateDir: '', volumes: 0, volumesInError: 0, connections: 0, ioEngine: 'x' };
+      return { version: 'x', pid: 1, uptimeSeconds: 0, controlSocket: '', nbdSocket: '', nbdListen: null, replicationListen: null, stateDir: '', peers: 0, volumes: 0, volumesInError: 0, connections: 0, ioEngine: 'x' };
     },
   };
   const server = new ControlServer({ handlers, logger, socketMode: 0o660 });

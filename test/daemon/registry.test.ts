@@ -11,6 +11,7 @@ const record: VolumeRecord = {
   uuid: '3f2b8a5e-9c1d-4e7f-8a6b-1c2d3e4f5a6b',
   device: '/dev/loop0',
   readOnly: false,
+  role: 'primary',
   createdAt: '2026-01-01T00:00:00.000Z',
 };
 
@@ -60,4 +61,18 @@ t.test('writeFileAtomicSync replaces the whole file and cleans up on failure', a
   fs.mkdirSync(path.join(blocked, 'child'), { recursive: true });
   t.throws(() => writeFileAtomicSync(blocked, 'x', 0o600));
   t.same(fs.readdirSync(dir).sort(), ['dir-target', 'f.json']);
+});
+
+t.test('records from before roles load as primaries; mirror records round-trip', async (t) => {
+  const dir = scratchDir(t, 'bm-reg-');
+  const { role: _role, ...legacy } = record;
+  writeFileAtomicSync(registryPath(dir), JSON.stringify({ version: 1, volumes: [legacy] }), 0o640);
+  t.same(loadRegistry(dir), [record]);
+  const mirror: VolumeRecord = { ...record, name: 'm', uuid: '5f2b8a5e-9c1d-4e7f-8a6b-1c2d3e4f5a6b', role: 'mirror' };
+  saveRegistry(dir, [record, mirror]);
+  t.same(loadRegistry(dir), [record, mirror]);
+  writeFileAtomicSync(registryPath(dir), JSON.stringify({ version: 1, volumes: [{ ...mirror, readOnly: true }] }), 0o640);
+  t.throws(() => loadRegistry(dir), { code: 'BM_ERR_STATE_CORRUPT', message: /mirror volume cannot be readOnly/ });
+  writeFileAtomicSync(registryPath(dir), JSON.stringify({ version: 1, volumes: [{ ...mirror, role: 'secondary' }] }), 0o640);
+  t.throws(() => loadRegistry(dir), { code: 'BM_ERR_STATE_CORRUPT', message: /role/ });
 });

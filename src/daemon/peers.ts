@@ -1,0 +1,203 @@
+// Replication peers: name, address and the path of the shared-secret file, persisted in
+// <state>/peers.json the same way as the volume registry (versioned, validated on load, written
+// atomically). Only the path is stored: the secret stays in its 0600 file, is read when needed
+// and never appears in the state dir, in replies or in logs.
+import assert from 'node:assert';
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { z } from 'zod';
+import { formatFirstIssue } from '../config/zod-issues';
+import { BmError, ControlErrorCode, errorCode, errorMessage } from '../control/errors';
+import { parsePeerAddress, volumeNamePattern, type MethodParams, type PeerInfo, type PeerRemoveResult } from '../control/protocol';
+import { readSecretFile } from '../wire/auth';
+import { describeErrno } from './errno';
+import { writeFileAtomicSync } from './atomic-file';
+
+export const peersVersion = 1;
+export const peersFileName = 'peers.json';
+export const peersMax = 256;
+const peersFileBytesMax = 1024 * 1024;
+
+const peerRecordSchema = z.strictObject({
+  name: z.string().regex(volumeNamePattern),
+  address: z.string().refine((value) => parsePeerAddress(value) !== null, 'expected HOST:PORT with a port from 1 to 65535'),
+  secretFile: z.string().startsWith('/'),
+  createdAt: z.iso.datetime(),
+});
+export type PeerRecord = z.infer<typeof peerRecordSchema>;
+
+const peersFileSchema = z.strictObject({
+  version: z.literal(peersVersion),
+  peers: z.array(peerRecordSchema).max(peersMax),
+});
+
+export function peersPath(stateDir: string): string {
+  return path.join(stateDir, peersFileName);
+}
+
+function corrupt(filePath: string, detail: string): BmError {
+  return new BmError('BM_ERR_STATE_CORRUPT', `peer registry ${filePath}: ${detail}`);
+}
+
+/** Load the peers; a missing file means none (first start, or a state dir from before peers). */
+export function loadPeers(stateDir: string): PeerRecord[] {
+  const filePath = peersPath(stateDir);
+  let text: string;
+  try {
+    const stat = fs.statSync(filePath);
+    if (stat.size > peersFileBytesMax) throw corrupt(filePath, `larger than ${peersFileBytesMax} bytes`);
+    text = fs.readFileSync(filePath, 'utf8');
+  } catch (error) {
+    if (errorCode(error) === 'ENOENT') return [];
+    throw error;
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (error) {
+    throw corrupt(filePath, `not valid JSON: ${errorMessage(error)}`);
+  }
+  if (typeof raw === 'object' && raw !== null && 'version' in raw && raw.version !== peersVersion) {
+    throw corrupt(filePath, `version ${JSON.stringify(raw.version)} is not supported (expected ${peersVersion})`);
+  }
+  const parsed = peersFileSchema.safeParse(raw);
+  if (!parsed.success) throw corrupt(filePath, formatFirstIssue(parsed.error));
+  const names = new Set<string>();
+  for (const record of parsed.data.peers) {
+    if (names.has(record.name)) throw corrupt(filePath, `peer name ${record.name} appears twice`);
+    names.add(record.name);
+  }
+  return parsed.data.peers;
+}
+
+export function savePeers(stateDir: string, records: readonly PeerRecord[]): void {
+  const document = { version: peersVersion, peers: records };
+  peersFileSchema.parse(document);
+  writeFileAtomicSync(peersPath(stateDir), JSON.stringify(document, null, 2) + '\n', 0o640);
+}
+
+/** Check that a secret file is usable now; the reason names the file, never its content. */
+export function checkSecretFile(secretFile: string): string | null {
+  try {
+    const secret = readSecretFile(secretFile);
+    secret.fill(0);
+    return null;
+  } catch (error) {
+    const code = errorCode(error);
+    if (code === 'BM_ERR_AUTH_SECRET_FILE') return errorMessage(error);
+    // O_NOFOLLOW on a symlink fails with ELOOP: say what that means here.
+    if (code === 'ELOOP') return `${secretFile} is a symbolic link; give the path of the file itself`;
+    if (code !== undefined && code.startsWith('E')) return `${secretFile}: ${describeErrno(code)}`;
+    return `${secretFile}: ${errorMessage(error)}`;
+  }
+}
+
+export interface PeerManagerOptions {
+  stateDir: string;
+  logger: Logger;
+}
+
+/** The peers the daemon knows. Changes run one at a time and are persisted before they are
+ *  acknowledged, like volume changes. */
+export class PeerManager {
+  private readonly peers = new Map<string, PeerRecord>();
+  private readonly stateDir: string;
+  private readonly logger: Logger;
+  private queue: Promise<unknown> = Promise.resolve();
+
+  constructor(options: PeerManagerOptions) {
+    this.stateDir = options.stateDir;
+    this.logger = options.logger;
+  }
+
+  /** Take the loaded records. A secret file that no longer passes is logged, not fatal: the
+   *  admin may be rotating it, and peer.info shows the reason. */
+  load(records: readonly PeerRecord[]): void {
+    assert(this.peers.size === 0);
+    for (const record of records) {
+      this.peers.set(record.name, record);
+      const problem = checkSecretFile(record.secretFile);
+      if (problem !== null) this.logger.warn({ peer: record.name, secretFile: record.secretFile, reason: problem }, 'peer secret file is not usable');
+    }
+  }
+
+  get size(): number {
+    return this.peers.size;
+  }
+
+  list(): PeerInfo[] {
+    return [...this.peers.values()].map(describe);
+  }
+
+  info(name: string): PeerInfo {
+    return describe(this.get(name));
+  }
+
+  add(params: MethodParams<'peer.add'>): Promise<PeerInfo> {
+    return this.exclusive(async () => {
+      if (this.peers.has(params.name)) throw new BmError(ControlErrorCode.PeerExists, `peer ${params.name} already exists`);
+      if (this.peers.size >= peersMax) throw new BmError(ControlErrorCode.InvalidArgument, `name: at most ${peersMax} peers may be registered`);
+      const secretFile = path.resolve(params.secretFile);
+      const problem = checkSecretFile(secretFile);
+      if (problem !== null) throw new BmError(ControlErrorCode.SecretFile, `peer ${params.name} not added: ${problem}`);
+      const record: PeerRecord = { name: params.name, address: params.address, secretFile, createdAt: new Date().toISOString() };
+      try {
+        savePeers(this.stateDir, [...this.peers.values(), record]);
+      } catch (error) {
+        throw new BmError(ControlErrorCode.StateWrite, `peer ${params.name} not added: writing the peer registry failed: ${errorMessage(error)}`, { cause: error });
+      }
+      this.peers.set(record.name, record);
+      this.logger.info({ peer: record.name, address: record.address, secretFile }, 'peer added');
+      return describe(record);
+    });
+  }
+
+  remove(params: MethodParams<'peer.remove'>): Promise<PeerRemoveResult> {
+    return this.exclusive(async () => {
+      this.get(params.name);
+      const remaining = [...this.peers.values()].filter((record) => record.name !== params.name);
+      try {
+        savePeers(this.stateDir, remaining);
+      } catch (error) {
+        throw new BmError(ControlErrorCode.StateWrite, `peer ${params.name} not removed: writing the peer registry failed: ${errorMessage(error)}`, { cause: error });
+      }
+      this.peers.delete(params.name);
+      this.logger.info({ peer: params.name }, 'peer removed');
+      return { name: params.name };
+    });
+  }
+
+  /** Wait for a running change, so shutdown does not cut a registry write short. */
+  async close(): Promise<void> {
+    await this.queue;
+  }
+
+  private get(name: string): PeerRecord {
+    const record = this.peers.get(name);
+    if (record === undefined) throw new BmError(ControlErrorCode.PeerNotFound, `peer ${name} does not exist`);
+    return record;
+  }
+
+  private exclusive<T>(change: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(change);
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+}
+
+function describe(record: PeerRecord): PeerInfo {
+  const address = parsePeerAddress(record.address);
+  assert(address !== null, 'validated on add and on load');
+  const info: PeerInfo = {
+    name: record.name,
+    address: record.address,
+    host: address.host,
+    port: address.port,
+    secretFile: record.secretFile,
+    createdAt: record.createdAt,
+  };
+  const problem = checkSecretFile(record.secretFile);
+  if (problem !== null) info.secretFileError = problem;
+  return info;
+}
