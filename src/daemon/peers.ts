@@ -3,16 +3,14 @@
 // atomically). Only the path is stored: the secret stays in its 0600 file, is read when needed
 // and never appears in the state dir, in replies or in logs.
 import assert from 'node:assert';
-import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { z } from 'zod';
-import { formatFirstIssue } from '../config/zod-issues';
 import { BmError, ControlErrorCode, errorCode, errorMessage } from '../control/errors';
 import { parsePeerAddress, volumeNamePattern, type MethodParams, type PeerInfo, type PeerRemoveResult } from '../control/protocol';
 import { readSecretFile } from '../wire/auth';
 import { describeErrno } from './errno';
-import { writeFileAtomicSync } from './atomic-file';
+import { loadStateFile, saveStateFile, stateFileCorrupt, type StateFile } from './state-file';
 
 export const peersVersion = 1;
 export const peersFileName = 'peers.json';
@@ -36,45 +34,28 @@ export function peersPath(stateDir: string): string {
   return path.join(stateDir, peersFileName);
 }
 
-function corrupt(filePath: string, detail: string): BmError {
-  return new BmError('BM_ERR_STATE_CORRUPT', `peer registry ${filePath}: ${detail}`);
-}
+const peersFile: StateFile<z.output<typeof peersFileSchema>> = {
+  what: 'peer registry',
+  version: peersVersion,
+  bytesMax: peersFileBytesMax,
+  schema: peersFileSchema,
+};
 
 /** Load the peers; a missing file means none (first start, or a state dir from before peers). */
 export function loadPeers(stateDir: string): PeerRecord[] {
   const filePath = peersPath(stateDir);
-  let text: string;
-  try {
-    const stat = fs.statSync(filePath);
-    if (stat.size > peersFileBytesMax) throw corrupt(filePath, `larger than ${peersFileBytesMax} bytes`);
-    text = fs.readFileSync(filePath, 'utf8');
-  } catch (error) {
-    if (errorCode(error) === 'ENOENT') return [];
-    throw error;
-  }
-  let raw: unknown;
-  try {
-    raw = JSON.parse(text);
-  } catch (error) {
-    throw corrupt(filePath, `not valid JSON: ${errorMessage(error)}`);
-  }
-  if (typeof raw === 'object' && raw !== null && 'version' in raw && raw.version !== peersVersion) {
-    throw corrupt(filePath, `version ${JSON.stringify(raw.version)} is not supported (expected ${peersVersion})`);
-  }
-  const parsed = peersFileSchema.safeParse(raw);
-  if (!parsed.success) throw corrupt(filePath, formatFirstIssue(parsed.error));
+  const document = loadStateFile(filePath, peersFile);
+  if (document === undefined) return [];
   const names = new Set<string>();
-  for (const record of parsed.data.peers) {
-    if (names.has(record.name)) throw corrupt(filePath, `peer name ${record.name} appears twice`);
+  for (const record of document.peers) {
+    if (names.has(record.name)) throw stateFileCorrupt(peersFile.what, filePath, `peer name ${record.name} appears twice`);
     names.add(record.name);
   }
-  return parsed.data.peers;
+  return document.peers;
 }
 
 export function savePeers(stateDir: string, records: readonly PeerRecord[]): void {
-  const document = { version: peersVersion, peers: records };
-  peersFileSchema.parse(document);
-  writeFileAtomicSync(peersPath(stateDir), JSON.stringify(document, null, 2) + '\n', 0o640);
+  saveStateFile(peersPath(stateDir), peersFile, { version: peersVersion, peers: [...records] });
 }
 
 /** Check that a secret file is usable now; the reason names the file, never its content. */

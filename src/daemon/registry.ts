@@ -1,13 +1,11 @@
 // The volume registry: which volumes exist, persisted in <state>/volumes.json. Versioned so later
 // releases can migrate it; validated on load so a damaged file stops the daemon instead of
 // silently forgetting volumes.
-import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
-import { formatFirstIssue } from '../config/zod-issues';
-import { BmError, errorCode } from '../control/errors';
+import type { BmError } from '../control/errors';
 import { volumeNamePattern, volumeRoles } from '../control/protocol';
-import { writeFileAtomicSync } from './atomic-file';
+import { loadStateFile, saveStateFile, stateFileCorrupt, type StateFile } from './state-file';
 
 export const registryVersion = 1;
 export const registryFileName = 'volumes.json';
@@ -34,48 +32,30 @@ export function registryPath(stateDir: string): string {
   return path.join(stateDir, registryFileName);
 }
 
-function corrupt(filePath: string, detail: string): BmError {
-  return new BmError('BM_ERR_STATE_CORRUPT', `volume registry ${filePath}: ${detail}`);
-}
+const registryFile: StateFile<z.output<typeof registryFileSchema>> = {
+  what: 'volume registry',
+  version: registryVersion,
+  bytesMax: registryFileBytesMax,
+  schema: registryFileSchema,
+};
 
 /** Load the registry; a missing file is an empty registry (first start). */
 export function loadRegistry(stateDir: string): VolumeRecord[] {
   const filePath = registryPath(stateDir);
-  let text: string;
-  try {
-    const stat = fs.statSync(filePath);
-    if (stat.size > registryFileBytesMax) throw corrupt(filePath, `larger than ${registryFileBytesMax} bytes`);
-    text = fs.readFileSync(filePath, 'utf8');
-  } catch (error) {
-    if (errorCode(error) === 'ENOENT') return [];
-    throw error;
-  }
-  let raw: unknown;
-  try {
-    raw = JSON.parse(text);
-  } catch (error) {
-    throw corrupt(filePath, `not valid JSON: ${(error as Error).message}`);
-  }
-  if (typeof raw === 'object' && raw !== null && 'version' in raw && raw.version !== registryVersion) {
-    throw corrupt(filePath, `version ${JSON.stringify(raw.version)} is not supported (expected ${registryVersion})`);
-  }
-  const parsed = registryFileSchema.safeParse(raw);
-  if (!parsed.success) throw corrupt(filePath, formatFirstIssue(parsed.error));
+  const document = loadStateFile(filePath, registryFile);
+  if (document === undefined) return [];
+  const corrupt = (detail: string): BmError => stateFileCorrupt(registryFile.what, filePath, detail);
   const names = new Set<string>();
   const uuids = new Set<string>();
-  for (const record of parsed.data.volumes) {
-    if (names.has(record.name)) throw corrupt(filePath, `volume name ${record.name} appears twice`);
-    if (uuids.has(record.uuid)) throw corrupt(filePath, `volume uuid ${record.uuid} appears twice`);
+  for (const record of document.volumes) {
+    if (names.has(record.name)) throw corrupt(`volume name ${record.name} appears twice`);
+    if (uuids.has(record.uuid)) throw corrupt(`volume uuid ${record.uuid} appears twice`);
     names.add(record.name);
     uuids.add(record.uuid);
   }
-  return parsed.data.volumes;
+  return document.volumes;
 }
 
 export function saveRegistry(stateDir: string, records: readonly VolumeRecord[]): void {
-  const document = { version: registryVersion, volumes: records };
-  // Validate what we write with the same schema we read with: a bug here must not produce a
-  // file the next start refuses.
-  registryFileSchema.parse(document);
-  writeFileAtomicSync(registryPath(stateDir), JSON.stringify(document, null, 2) + '\n', 0o640);
+  saveStateFile(registryPath(stateDir), registryFile, { version: registryVersion, volumes: [...records] });
 }
