@@ -186,7 +186,12 @@ export class Volume implements BlockBackend {
     try {
       if (this.spec.role !== 'mirror') throw new VolumeError('EPERM', `volume ${this.spec.name} is not a mirror volume`);
       this.checkDeviceWritable();
-      this.checkRange(offsetBytes, data.length);
+      // The range comes from a peer, not from the validating NBD layer: check it as input, not
+      // as an invariant.
+      const endBytes = offsetBytes + data.length;
+      if (!Number.isSafeInteger(offsetBytes) || offsetBytes < 0 || data.length === 0 || endBytes > this.backendInfo.sizeBytes) {
+        throw new VolumeError('EINVAL', `volume ${this.spec.name}: write of ${data.length} bytes at ${offsetBytes} is outside the volume (${this.backendInfo.sizeBytes} bytes)`);
+      }
     } catch (error) {
       return Promise.reject(error);
     }

@@ -61,8 +61,10 @@ export function verifyAuthMac(secret: Buffer, role: AuthRole, transcript: AuthTr
   return crypto.timingSafeEqual(mac, expected);
 }
 
-/** Reads a shared secret: refuses files with any group/other permission bit (like ssh), drops
- *  one trailing newline, and requires SECRET_BYTES_MIN..SECRET_BYTES_MAX bytes. */
+/** Reads a shared secret: refuses files with any group/other permission bit or owned by another
+ *  user than the daemon's (or root) (like ssh), reads at most SECRET_BYTES_MAX + 2 bytes whatever
+ *  the file claims to be (/proc files report size 0), drops one trailing newline, and requires
+ *  SECRET_BYTES_MIN..SECRET_BYTES_MAX bytes. */
 export function readSecretFile(filePath: string): Buffer {
   const fd = fs.openSync(filePath, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
   try {
@@ -74,10 +76,26 @@ export function readSecretFile(filePath: string): Buffer {
         `${filePath} is accessible by group or others (mode ${(stat.mode & 0o777).toString(8)}); chmod 600 it`,
       );
     }
+    const uid = process.getuid?.();
+    if (uid !== undefined && stat.uid !== uid && stat.uid !== 0) {
+      throw new AuthError('BM_ERR_AUTH_SECRET_FILE', `${filePath} is owned by uid ${stat.uid}, not by this daemon's user or root`);
+    }
     if (stat.size > SECRET_BYTES_MAX + 2) {
       throw new AuthError('BM_ERR_AUTH_SECRET_FILE', `${filePath} is larger than ${SECRET_BYTES_MAX} bytes`);
     }
-    let secret = fs.readFileSync(fd);
+    // Bounded read: one byte more than a valid file can hold tells "too large" apart.
+    const limit = Buffer.alloc(SECRET_BYTES_MAX + 3);
+    let filled = 0;
+    for (;;) {
+      const got = fs.readSync(fd, limit, filled, limit.length - filled, null);
+      if (got === 0) break;
+      filled += got;
+      if (filled === limit.length) {
+        throw new AuthError('BM_ERR_AUTH_SECRET_FILE', `${filePath} is larger than ${SECRET_BYTES_MAX} bytes`);
+      }
+    }
+    let secret = Buffer.from(limit.subarray(0, filled));
+    limit.fill(0);
     if (secret.length > 0 && secret[secret.length - 1] === 0x0a) secret = secret.subarray(0, -1);
     if (secret.length > 0 && secret[secret.length - 1] === 0x0d) secret = secret.subarray(0, -1);
     if (secret.length < SECRET_BYTES_MIN) {
@@ -102,6 +120,9 @@ export interface AuthOptions {
    *  initiator returns a secret only for the peer it meant to reach, so a different responder
    *  is refused as unknown. */
   secretForPeer: (peerName: string) => Buffer | undefined;
+  /** Initiator: the peer it dialled. A responder announcing another name is refused before any
+   *  secret is used, whatever secretForPeer would return. */
+  expectedPeerName?: string;
   timeoutMs?: number;
   /** Test hook; default crypto.randomBytes. */
   randomBytes?: (bytes: number) => Buffer;
@@ -141,8 +162,14 @@ export async function authenticate(channel: FrameChannel, options: AuthOptions):
   const timer = setTimeout(() => {
     controller.abort(new AuthError('BM_ERR_AUTH_TIMEOUT', `authentication did not finish in ${timeoutMs} ms`));
   }, timeoutMs);
+  // No auth message carries a payload: until the peer has proved the secret it may not make us
+  // allocate payload memory at all.
+  const payloadBytesMax = channel.payloadBytesMax;
+  channel.limitPayloadBytes(0);
   try {
-    return await runExchange(channel, options, controller.signal);
+    const result = await runExchange(channel, options, controller.signal);
+    channel.limitPayloadBytes(payloadBytesMax);
+    return result;
   } catch (error) {
     const code = error instanceof AuthError ? CODE_FOR_ERROR[error.code] : undefined;
     if (code !== undefined && !errorsFromPeer.has(error as Error) && !channel.stream.destroyed) {
@@ -187,6 +214,13 @@ async function runExchange(channel: FrameChannel, options: AuthOptions, signal: 
   }
   if (crypto.timingSafeEqual(peerChallenge.nonce, ownNonce)) {
     throw new AuthError('BM_ERR_AUTH_FAILED', 'peer echoed our nonce (reflection)', peerName);
+  }
+  if (options.expectedPeerName !== undefined && peerName !== options.expectedPeerName) {
+    throw new AuthError(
+      'BM_ERR_AUTH_UNKNOWN_PEER',
+      `dialled ${JSON.stringify(options.expectedPeerName)} but ${JSON.stringify(peerName)} answered`,
+      peerName,
+    );
   }
   const secret = options.secretForPeer(peerName);
   if (secret === undefined) {

@@ -11,6 +11,9 @@ import type { WireMessage } from './messages';
 export interface FrameChannelOptions extends FrameDecoderOptions {
   /** Decoded frames held before the stream is paused. Default 64. */
   queuedFramesMax?: number;
+  /** Payload bytes of decoded frames held before the stream is paused. Default 64 MiB. One frame
+   *  may exceed it alone (up to the payload limit); then nothing more is read until it is taken. */
+  queuedBytesMax?: number;
 }
 
 interface Waiter {
@@ -22,7 +25,9 @@ export class FrameChannel {
   readonly stream: Duplex;
   readonly #decoder: FrameDecoder;
   readonly #queuedFramesMax: number;
+  readonly #queuedBytesMax: number;
   readonly #queue: Frame[] = [];
+  #queuedBytes = 0;
   #waiter: Waiter | undefined;
   #failure: Error | undefined;
 
@@ -32,6 +37,10 @@ export class FrameChannel {
     this.#queuedFramesMax = options.queuedFramesMax ?? 64;
     if (!Number.isSafeInteger(this.#queuedFramesMax) || this.#queuedFramesMax < 1) {
       throw new RangeError(`queuedFramesMax must be a positive integer, got ${this.#queuedFramesMax}`);
+    }
+    this.#queuedBytesMax = options.queuedBytesMax ?? 64 * 1024 * 1024;
+    if (!Number.isSafeInteger(this.#queuedBytesMax) || this.#queuedBytesMax < 1) {
+      throw new RangeError(`queuedBytesMax must be a positive integer, got ${this.#queuedBytesMax}`);
     }
     stream.on('data', this.#onData);
     stream.on('end', this.#onEnd);
@@ -55,7 +64,8 @@ export class FrameChannel {
     if (this.#waiter !== undefined) throw new Error('FrameChannel.receive is already pending');
     const frame = this.#queue.shift();
     if (frame !== undefined) {
-      if (this.#queue.length < this.#queuedFramesMax && this.#failure === undefined) this.stream.resume();
+      this.#queuedBytes -= frame.payload?.length ?? 0;
+      if (!this.#queueFull() && this.#failure === undefined) this.stream.resume();
       return Promise.resolve(frame);
     }
     if (this.#failure !== undefined) return Promise.reject(this.#failure);
@@ -79,14 +89,21 @@ export class FrameChannel {
     });
   }
 
-  /** Stops listening to the stream (it stays open), e.g. to hand it to another layer. Frames
-   *  still queued are returned. */
+  /** Stops listening to the stream (it stays open, paused), e.g. to hand it to another layer.
+   *  Frames still queued are returned. Only at a frame boundary: bytes of a half-received frame
+   *  would otherwise be lost, so mid-frame it throws BM_ERR_WIRE_DECODE and changes nothing. */
   detach(): Frame[] {
+    if (!this.#decoder.atFrameBoundary) {
+      throw new WireError('BM_ERR_WIRE_DECODE', 'cannot detach the channel in the middle of a frame');
+    }
+    // Paused first: a flowing stream with no 'data' listener drops what it reads.
+    this.stream.pause();
     this.stream.off('data', this.#onData);
     this.stream.off('end', this.#onEnd);
     this.stream.off('close', this.#onEnd);
     this.stream.off('error', this.#onError);
     this.#fail(new WireError('BM_ERR_WIRE_CLOSED', 'channel detached'));
+    this.#queuedBytes = 0;
     return this.#queue.splice(0);
   }
 
@@ -106,10 +123,24 @@ export class FrameChannel {
         waiter.resolve(frame);
       } else {
         this.#queue.push(frame);
+        this.#queuedBytes += frame.payload?.length ?? 0;
       }
     }
-    if (this.#queue.length >= this.#queuedFramesMax) this.stream.pause();
+    if (this.#queueFull()) this.stream.pause();
   };
+
+  #queueFull(): boolean {
+    return this.#queue.length >= this.#queuedFramesMax || this.#queuedBytes >= this.#queuedBytesMax;
+  }
+
+  /** Current payload limit of received frames (see FrameDecoder.limitPayloadBytes). */
+  get payloadBytesMax(): number {
+    return this.#decoder.payloadBytesMax;
+  }
+
+  limitPayloadBytes(payloadBytesMax: number): void {
+    this.#decoder.limitPayloadBytes(payloadBytesMax);
+  }
 
   readonly #onEnd = (): void => {
     const detail = this.#decoder.atFrameBoundary ? '' : ' in the middle of a frame';

@@ -93,7 +93,7 @@ const enum State {
  *  before the payload is collected. After any error it refuses further input by throwing that
  *  error again: a stream that lost framing cannot be trusted. */
 export class FrameDecoder {
-  readonly payloadBytesMax: number;
+  #payloadBytesMax: number;
   readonly #allocatePayload: (bytes: number) => Buffer;
   #state = State.Prelude;
   readonly #prelude = Buffer.alloc(PRELUDE_BYTES);
@@ -105,8 +105,18 @@ export class FrameDecoder {
   #message: WireMessage | undefined;
   #failure: WireError | undefined;
 
+  get payloadBytesMax(): number {
+    return this.#payloadBytesMax;
+  }
+
+  /** Changes the payload limit for frames whose prelude has not arrived yet, e.g. 0 until the
+   *  peer has authenticated, so an unauthenticated peer cannot make us allocate payload memory. */
+  limitPayloadBytes(payloadBytesMax: number): void {
+    this.#payloadBytesMax = resolvePayloadBytesMax({ payloadBytesMax });
+  }
+
   constructor(options: FrameDecoderOptions = {}) {
-    this.payloadBytesMax = resolvePayloadBytesMax(options);
+    this.#payloadBytesMax = resolvePayloadBytesMax(options);
     this.#allocatePayload = options.allocatePayload ?? ((bytes) => Buffer.allocUnsafe(bytes));
   }
 
@@ -210,8 +220,8 @@ export class FrameDecoder {
       throw new WireError('BM_ERR_WIRE_HEADER_TOO_LARGE', `header ${headerBytes} > ${HEADER_BYTES_MAX} bytes`);
     }
     const payloadBytes = source.readUInt32BE(offset + 8);
-    if (payloadBytes > this.payloadBytesMax) {
-      throw new WireError('BM_ERR_WIRE_PAYLOAD_TOO_LARGE', `payload ${payloadBytes} > ${this.payloadBytesMax} bytes`);
+    if (payloadBytes > this.#payloadBytesMax) {
+      throw new WireError('BM_ERR_WIRE_PAYLOAD_TOO_LARGE', `payload ${payloadBytes} > ${this.#payloadBytesMax} bytes`);
     }
     this.#headerBytes = headerBytes;
     this.#payloadBytes = payloadBytes;

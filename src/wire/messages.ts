@@ -111,8 +111,8 @@ export interface ResyncData {
 }
 export interface TaskMarker {
   sequence: number;
+  /** Names a task defined on the target; never a command line. */
   taskId: string;
-  command: string;
 }
 export interface BitmapExchange {
   sequence: number;

@@ -115,6 +115,10 @@ t.test('Volume.mirrorWrite reaches the device; client writes do not', async (t) 
 
   await mirror.mirrorWrite(4096, Buffer.alloc(8192, 0x77), true);
   await mirror.mirrorWrite(100, Buffer.from('unaligned'), false);
+  // Ranges come from a peer: bad ones are input errors (EINVAL), not assertion failures.
+  await t.rejects(mirror.mirrorWrite(1024 * 1024 - 100, Buffer.alloc(512), false), { code: 'EINVAL' });
+  await t.rejects(mirror.mirrorWrite(0, Buffer.alloc(0), false), { code: 'EINVAL' });
+  await t.rejects(mirror.mirrorWrite(-512, Buffer.alloc(512), false), { code: 'EINVAL' });
   await mirror.flush();
   const read = await mirror.read(0, 16384);
   t.ok(read.data.subarray(4096, 12288).equals(Buffer.alloc(8192, 0x77)));

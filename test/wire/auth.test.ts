@@ -15,6 +15,7 @@ import {
   type AuthTranscript,
 } from '../../src/wire/auth';
 import { FrameChannel } from '../../src/wire/channel';
+import { encodeFrame } from '../../src/wire/frame';
 import { wireMessage } from '../../src/wire/messages';
 
 const SECRET = Buffer.from('correct horse battery staple 42');
@@ -163,4 +164,28 @@ t.test('readSecretFile', async (t) => {
   t.throws(() => readSecretFile(write('open', 'sixteen-bytes-ok', 0o644)), { code: 'BM_ERR_AUTH_SECRET_FILE' });
   t.throws(() => readSecretFile(write('big', 'x'.repeat(5000), 0o600)), { code: 'BM_ERR_AUTH_SECRET_FILE' });
   t.throws(() => readSecretFile(path.join(dir, 'missing')), { code: 'ENOENT' });
+});
+
+t.test('an initiator refuses a different registered peer answering at the address it dialled', async (t) => {
+  const [a, b] = await socketPair(t);
+  // hostA knows both hostB and hostC, dials hostB, but hostC (which also shares a secret with
+  // hostA) answers: refused before any MAC is computed.
+  const results = await Promise.allSettled([
+    authenticate(new FrameChannel(a), { ...options('initiator', 'hostA', { hostB: SECRET, hostC: OTHER }), expectedPeerName: 'hostB' }),
+    authenticate(new FrameChannel(b), options('responder', 'hostC', { hostA: OTHER })),
+  ]);
+  t.equal(results[0].status, 'rejected');
+  if (results[0].status === 'rejected') t.equal((results[0].reason as { code: string }).code, 'BM_ERR_AUTH_UNKNOWN_PEER');
+  t.equal(results[1].status, 'rejected', 'the responder does not get through either');
+});
+
+t.test('a peer cannot send payload data before it has authenticated', async (t) => {
+  const [a, b] = await socketPair(t);
+  const responding = authenticate(new FrameChannel(b), options('responder', 'hostB', { hostA: SECRET }));
+  // Instead of a challenge, the "initiator" sends a 1 MiB write frame.
+  const payload = Buffer.alloc(1024 * 1024, 1);
+  for (const buffer of encodeFrame(wireMessage('write', { sequence: 1, offsetBytes: 0, lengthBytes: payload.length, flags: 0 }), payload)) {
+    a.write(buffer);
+  }
+  await t.rejects(responding, { code: 'BM_ERR_WIRE_PAYLOAD_TOO_LARGE' });
 });

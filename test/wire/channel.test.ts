@@ -68,3 +68,33 @@ t.test('an aborted receive rejects with the abort reason', async (t) => {
   await t.rejects(pending, { message: 'stop' });
   stream.destroy();
 });
+
+t.test('payload bytes are bounded too: a few large frames pause the stream', async (t) => {
+  const { stream, input } = memoryStream();
+  const channel = new FrameChannel(stream, { queuedFramesMax: 64, queuedBytesMax: 3 * 65536 });
+  const payload = Buffer.alloc(65536, 7);
+  for (let sequence = 0; sequence < 8; sequence++) {
+    for (const buffer of encodeFrame(wireMessage('write', { sequence, offsetBytes: sequence * 65536, lengthBytes: 65536, flags: 0 }), payload)) {
+      input.write(buffer);
+    }
+  }
+  await new Promise((resolve) => setImmediate(resolve));
+  t.ok(stream.isPaused(), 'paused at queuedBytesMax, far below queuedFramesMax');
+  for (let sequence = 0; sequence < 8; sequence++) {
+    const frame = await channel.receive();
+    t.equal(frame.message.kind, 'write');
+    t.equal(frame.payload?.length, 65536);
+  }
+  stream.destroy();
+});
+
+t.test('limitPayloadBytes(0) refuses any payload from the prelude on', async (t) => {
+  const { stream, input } = memoryStream();
+  const channel = new FrameChannel(stream);
+  channel.limitPayloadBytes(0);
+  for (const buffer of encodeFrame(wireMessage('write', { sequence: 1, offsetBytes: 0, lengthBytes: 4096, flags: 0 }), Buffer.alloc(4096))) {
+    input.write(buffer);
+  }
+  await t.rejects(channel.receive(), { code: 'BM_ERR_WIRE_PAYLOAD_TOO_LARGE' });
+  stream.destroy();
+});

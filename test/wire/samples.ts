@@ -63,7 +63,7 @@ export function allSamples(): Sample[] {
     },
     { message: wireMessage('resyncData', { sequence: 9, offsetBytes: 65536, lengthBytes: 100 }), payload: bytes(100, 4) },
     { message: wireMessage('error', error) },
-    { message: wireMessage('taskMarker', { sequence: 10, taskId: 'backup-1', command: 'snapshot nightly' }) },
+    { message: wireMessage('taskMarker', { sequence: 10, taskId: 'backup-1' }) },
     {
       message: wireMessage('bitmapExchange', {
         sequence: 11,
