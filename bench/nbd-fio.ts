@@ -97,8 +97,18 @@ async function main(): Promise<void> {
   execFileSync('dd', [`if=/dev/zero`, `of=${backing}`, 'bs=1M', `count=${deviceBytes / 1048576}`, 'conv=notrunc', 'status=none']);
   const loop = execFileSync('losetup', ['--direct-io=on', '-f', '--show', backing], { encoding: 'utf8' }).trim();
   const children: ChildProcess[] = [];
-  const cleanup = (): void => {
-    for (const child of children) if (child.exitCode === null) child.kill('SIGTERM');
+  /** SIGTERM both servers and wait for them to exit, so the loop device is free to detach. */
+  const cleanup = async (): Promise<void> => {
+    await Promise.all(
+      children.map(async (child) => {
+        if (child.exitCode !== null || child.signalCode !== null) return;
+        const exited = new Promise((resolve) => child.once('exit', resolve));
+        child.kill('SIGTERM');
+        const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+        await exited;
+        clearTimeout(timer);
+      }),
+    );
   };
   try {
     const controlSocket = join(work, 'control.sock');
@@ -167,8 +177,7 @@ async function main(): Promise<void> {
     writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), runtimeSeconds, rounds, deviceBytes, rows, samples }, null, 2));
     console.log(`\nwrote ${file}`);
   } finally {
-    cleanup();
-    await sleep(500);
+    await cleanup();
     try {
       execFileSync('losetup', ['-d', loop]);
     } catch (error) {
