@@ -1,5 +1,5 @@
 // Human output for the CLI. Scripts use --json; nothing here is meant to be parsed.
-import type { PeerInfo, PeerRemoveResult, StatusResult, VolumeInfo, VolumeRemoveResult } from '../control/protocol';
+import type { MirrorInfo, MirrorRemoveResult, PeerInfo, PeerRemoveResult, StatusResult, VolumeInfo, VolumeRemoveResult } from '../control/protocol';
 
 const sizeUnits = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
 
@@ -84,7 +84,9 @@ export function formatStatus(status: StatusResult): string {
     ['control socket', status.controlSocket],
     ['nbd socket', status.nbdSocket],
     ['nbd tcp', status.nbdListen ?? '-'],
-    ['replication', status.replicationListen === null ? '-' : `${status.replicationListen} (reserved, not listening yet)`],
+    ['node name', status.nodeName],
+    ['replication', status.replicationListen === null ? '- (not listening)' : `${status.replicationListen} (${status.replicationSessions} session(s))`],
+    ['mirrors', String(status.mirrors)],
     ['state dir', status.stateDir],
     ['peers', String(status.peers)],
     ['volumes', `${status.volumes} (${status.volumesInError} in error)`],
@@ -114,4 +116,63 @@ export function formatPeerInfo(peer: PeerInfo): string {
 
 export function formatPeerRemoved(result: PeerRemoveResult): string {
   return `removed peer ${result.name}\n`;
+}
+
+const rateUnits: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 };
+
+/** "50M" -> 52428800 bytes per second (K, M, G are powers of 1024); null when not a rate. */
+export function parseRate(text: string): number | null {
+  const match = /^(\d+(?:\.\d+)?)([KMG]?)(?:i?B)?(?:\/s)?$/i.exec(text.trim());
+  if (match === null) return null;
+  const value = Math.floor(Number(match[1]) * (rateUnits[(match[2] ?? '').toUpperCase()] ?? 1));
+  return Number.isSafeInteger(value) && value > 0 ? value : null;
+}
+
+function formatDuration(seconds: number | null): string {
+  if (seconds === null) return '-';
+  if (seconds < 60) return `${seconds} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${seconds % 60} s`;
+  return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
+}
+
+export function formatMirrorStatus(mirrors: readonly MirrorInfo[]): string {
+  return mirrors
+    .map((mirror) => {
+      const fields: Array<[string, string]> = [
+        ['mirror', `${mirror.volume} -> ${mirror.peer}:${mirror.target}`],
+        ['state', `${mirror.state}${mirror.suspended ? ' (suspended)' : ''} since ${mirror.since}`],
+        ['cause', `${mirror.cause.reason}${mirror.cause.code === null ? '' : ` [${mirror.cause.code}]`}`],
+      ];
+      if (mirror.error !== null) fields.push(['error', `${mirror.error.code}: ${mirror.error.reason}`]);
+      if (mirror.nextRetryAt !== null) fields.push(['next retry', mirror.nextRetryAt]);
+      fields.push(
+        ['mode', `${mirror.mode}, on disconnect ${mirror.onDisconnect}${mirror.maxRateBytesPerSec === null ? '' : `, copy capped at ${formatSize(mirror.maxRateBytesPerSec)}/s`}`],
+        ['progress', `${mirror.progressPercent.toFixed(1)}% (${formatSize(mirror.copiedBytes)} copied, ${formatSize(mirror.dirtyBytes)} to go of ${formatSize(mirror.sizeBytes)})`],
+        ['rate', `${formatSize(mirror.rateBytesPerSec)}/s`],
+        ['eta', formatDuration(mirror.etaSeconds)],
+        ['sent', `${formatSize(mirror.sent.liveBytes)} live in ${mirror.sent.liveWrites} writes, ${formatSize(mirror.sent.copyBytes)} copied, ${formatSize(mirror.sent.zeroBytes)} as zeroes`],
+      );
+      return formatFields(fields);
+    })
+    .join('\n');
+}
+
+export function formatMirrorList(mirrors: readonly MirrorInfo[]): string {
+  if (mirrors.length === 0) return 'no mirrors\n';
+  return formatTable(
+    ['VOLUME', 'PEER', 'TARGET', 'STATE', 'MODE', 'PROGRESS', 'DIRTY'],
+    mirrors.map((mirror) => [
+      mirror.volume,
+      mirror.peer,
+      mirror.target,
+      mirror.suspended ? `${mirror.state} (suspended)` : mirror.state,
+      mirror.mode,
+      `${mirror.progressPercent.toFixed(1)}%`,
+      formatSize(mirror.dirtyBytes),
+    ]),
+  );
+}
+
+export function formatMirrorRemoved(result: MirrorRemoveResult): string {
+  return `removed mirror of ${result.volume} on ${result.peer}\n`;
 }

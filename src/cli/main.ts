@@ -7,7 +7,19 @@ import { ControlClient } from '../control/client';
 import { BmError, ControlErrorCode, errorCode, errorMessage } from '../control/errors';
 import type { MethodName, MethodParams, MethodResults } from '../control/protocol';
 import { packageVersion } from '../daemon/version';
-import { formatPeerInfo, formatPeerList, formatPeerRemoved, formatRemoved, formatStatus, formatVolumeInfo, formatVolumeList } from './format';
+import {
+  formatMirrorList,
+  formatMirrorRemoved,
+  formatMirrorStatus,
+  formatPeerInfo,
+  formatPeerList,
+  formatPeerRemoved,
+  formatRemoved,
+  formatStatus,
+  formatVolumeInfo,
+  formatVolumeList,
+  parseRate,
+} from './format';
 
 export const exitCodes = { ok: 0, daemonError: 1, usage: 2, unreachable: 3 } as const;
 const requestTimeoutMsDefault = 60_000;
@@ -108,6 +120,61 @@ function buildProgram(): Command {
     .description('forget a peer (its secret file is not touched)')
     .exitOverride()
     .action((name: string) => call(program, 'peer.remove', { name }, formatPeerRemoved));
+  const mirror = program.command('mirror').description('replicate volumes to peers: add, status, suspend, resume, reset, remove').exitOverride();
+  mirror
+    .command('add <volume>')
+    .description('start mirroring a volume to a mirror volume on a peer (first a full copy, then live)')
+    .requiredOption('--peer <name>', 'the peer daemon that holds the target')
+    .requiredOption('--target <name>', 'the mirror volume on the peer (added there with --mirror)')
+    .option('--mode <mode>', 'sync: a write is acknowledged once written locally and on the target', 'sync')
+    .option('--on-disconnect <policy>', 'continue: keep writing and resync the dirty regions later; block: hold writes until in sync again', 'continue')
+    .option('--max-rate <rate>', 'cap the copy traffic, bytes per second with an optional K, M or G suffix (live writes are never capped)')
+    .exitOverride()
+    .action((volumeName: string, options: { peer: string; target: string; mode: string; onDisconnect: string; maxRate?: string }) => {
+      const params: Record<string, unknown> = { volume: volumeName, peer: options.peer, target: options.target, mode: options.mode, onDisconnect: options.onDisconnect };
+      if (options.maxRate !== undefined) {
+        const rate = parseRate(options.maxRate);
+        if (rate === null) throw usageError('--max-rate: expected a positive number of bytes per second, e.g. 50M');
+        params.maxRateBytesPerSec = rate;
+      }
+      return call(program, 'mirror.add', params as MethodParams<'mirror.add'>, (result) => formatMirrorStatus([result]));
+    });
+  mirror
+    .command('status <volume>')
+    .description('state, mode, progress, bytes, rate and ETA of a volume\'s mirrors')
+    .option('--peer <name>', 'only the mirror on this peer')
+    .exitOverride()
+    .action((volumeName: string, options: { peer?: string }) =>
+      call(program, 'mirror.status', { volume: volumeName, ...(options.peer === undefined ? {} : { peer: options.peer }) }, (result) => formatMirrorStatus(result.mirrors)),
+    );
+  mirror
+    .command('list')
+    .description('list every mirror and its state')
+    .exitOverride()
+    .action(() => call(program, 'mirror.list', {}, (result) => formatMirrorList(result.mirrors)));
+  for (const [command, description] of [
+    ['suspend', 'stop replicating (writes go on and are recorded dirty)'],
+    ['resume', 'retry now: leaves RESET, ERROR (once the cause is fixed) or a suspension'],
+    ['reset', 'clear an ERROR and start over with a full copy'],
+  ] as const) {
+    mirror
+      .command(`${command} <volume>`)
+      .description(description)
+      .option('--peer <name>', 'the mirror on this peer (needed when the volume has several)')
+      .exitOverride()
+      .action((volumeName: string, options: { peer?: string }) =>
+        call(program, `mirror.${command}`, { volume: volumeName, ...(options.peer === undefined ? {} : { peer: options.peer }) }, (result) => formatMirrorStatus([result])),
+      );
+  }
+  mirror
+    .command('remove <volume>')
+    .description('stop and forget a mirror (the target volume keeps its data)')
+    .option('--peer <name>', 'the mirror on this peer (needed when the volume has several)')
+    .option('--force', 'remove even while the target is mid-copy (not a consistent image)', false)
+    .exitOverride()
+    .action((volumeName: string, options: { peer?: string; force: boolean }) =>
+      call(program, 'mirror.remove', { volume: volumeName, force: options.force, ...(options.peer === undefined ? {} : { peer: options.peer }) }, formatMirrorRemoved),
+    );
   program
     .command('status')
     .description('show daemon status')

@@ -1,6 +1,7 @@
 // Daemon configuration: built-in defaults, then the optional JSON file, then command-line flags.
 // The file is validated strictly (unknown fields are errors) so a typo is not silently ignored.
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
 import { BmError, errorCode } from '../control/errors';
@@ -21,13 +22,39 @@ export interface DaemonConfig {
   controlSocket: string;
   nbdSocket: string;
   nbdListen: HostPort | null;
-  /** Replication address (--listen). Reserved: validated and reported, but nothing listens on it
-   *  until replication arrives. */
+  /** Replication address (--listen): peers connect here to write this daemon's mirror volumes. */
   replicationListen: HostPort | null;
+  /** This daemon's name towards its peers (they `peer add` it under this name). */
+  nodeName: string;
+  /** Replication timeouts and retry backoff, in ms. */
+  replication: ReplicationTiming;
   stateDir: string;
   logLevel: LogLevel;
   /** The file that was read, or null when the default file does not exist. */
   configPath: string | null;
+}
+
+export interface ReplicationTiming {
+  connectTimeoutMs: number;
+  ackTimeoutMs: number;
+  backoffBaseMs: number;
+  backoffMaxMs: number;
+}
+
+export const replicationTimingDefaults: ReplicationTiming = {
+  connectTimeoutMs: 10_000,
+  ackTimeoutMs: 30_000,
+  backoffBaseMs: 500,
+  backoffMaxMs: 30_000,
+};
+
+/** Node names follow the peer name rules: they are matched against `peer add` names. */
+const nodeNamePattern = /^[A-Za-z0-9._-]{1,64}$/;
+
+/** The host name, shortened to what a node name may hold. */
+function defaultNodeName(): string {
+  const host = os.hostname().split('.')[0] ?? '';
+  return nodeNamePattern.test(host) ? host : 'blockmirror';
 }
 
 export const defaults = {
@@ -67,6 +94,16 @@ export const configFileSchema = z.strictObject({
     .optional(),
   stateDir: absolutePath.optional(),
   logLevel: z.enum(logLevels).optional(),
+  nodeName: z.string().regex(nodeNamePattern, 'expected 1 to 64 characters from [A-Za-z0-9._-]').optional(),
+  replication: z
+    .strictObject({
+      connectTimeoutMs: z.number().int().min(100).max(600_000).optional(),
+      ackTimeoutMs: z.number().int().min(100).max(3_600_000).optional(),
+      backoffBaseMs: z.number().int().min(1).max(3_600_000).optional(),
+      backoffMaxMs: z.number().int().min(1).max(3_600_000).optional(),
+    })
+    .refine((timing) => (timing.backoffBaseMs ?? replicationTimingDefaults.backoffBaseMs) <= (timing.backoffMaxMs ?? replicationTimingDefaults.backoffMaxMs), 'backoffBaseMs must not exceed backoffMaxMs')
+    .optional(),
 });
 export type ConfigFile = z.infer<typeof configFileSchema>;
 
@@ -105,6 +142,7 @@ export interface CliConfig {
   nbdSocket?: string;
   nbdListen?: string;
   listen?: string;
+  nodeName?: string;
   stateDir?: string;
   logLevel?: string;
 }
@@ -148,7 +186,15 @@ export function resolveConfig(cli: CliConfig): DaemonConfig {
     logLevel = parsed.data;
   }
 
+  let nodeName = file?.nodeName ?? defaultNodeName();
+  if (cli.nodeName !== undefined) {
+    if (!nodeNamePattern.test(cli.nodeName)) throw cliError('--node-name', 'expected 1 to 64 characters from [A-Za-z0-9._-]');
+    nodeName = cli.nodeName;
+  }
+
   return {
+    nodeName,
+    replication: { ...replicationTimingDefaults, ...file?.replication },
     controlSocket: cli.controlSocket !== undefined ? cliSocketPath('--control-socket', cli.controlSocket) : (file?.controlSocket ?? defaults.controlSocket),
     nbdSocket: cli.nbdSocket !== undefined ? cliSocketPath('--nbd-socket', cli.nbdSocket) : (file?.nbdSocket ?? defaults.nbdSocket),
     nbdListen,

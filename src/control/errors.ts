@@ -16,6 +16,12 @@ export const ControlErrorCode = {
   DeviceOpen: 'BM_ERR_DEVICE_OPEN',
   PeerExists: 'BM_ERR_PEER_EXISTS',
   PeerNotFound: 'BM_ERR_PEER_NOT_FOUND',
+  /** The peer is used by a mirror: remove the mirror first. */
+  PeerBusy: 'BM_ERR_PEER_BUSY',
+  MirrorExists: 'BM_ERR_MIRROR_EXISTS',
+  MirrorNotFound: 'BM_ERR_MIRROR_NOT_FOUND',
+  /** The volume cannot be a mirror source (a mirror volume, read-only, or not online). */
+  MirrorSource: 'BM_ERR_MIRROR_SOURCE',
   /** A peer's secret file is missing, unreadable, too open, too short or too long. */
   SecretFile: 'BM_ERR_SECRET_FILE',
   ShuttingDown: 'BM_ERR_SHUTTING_DOWN',

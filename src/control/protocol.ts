@@ -28,6 +28,13 @@ export function parsePeerAddress(text: string): HostPort | null {
   return parsed === null || parsed.port < 1 ? null : parsed;
 }
 
+/** sync: a write is acknowledged once on the local device and on the target (REC synchronous,
+ *  DRBD protocol C). The asynchronous modes arrive with issue 4. */
+export const mirrorModes = ['sync'] as const;
+/** continue: a disconnected mirror records dirty regions and writes go on; block: writes wait
+ *  until the mirror is in sync again (once it has been). */
+export const onDisconnectPolicies = ['continue', 'block'] as const;
+
 export const volumeRoles = ['primary', 'mirror'] as const;
 /** primary: read-write to NBD clients (unless readOnly); mirror: the target of replication,
  *  read-only to NBD clients while the daemon holds the device read-write for the mirror service. */
@@ -62,6 +69,20 @@ export const paramsSchemas = {
   'peer.list': z.strictObject({}),
   'peer.info': z.strictObject({ name: peerName }),
   'peer.remove': z.strictObject({ name: peerName }),
+  'mirror.add': z.strictObject({
+    volume: volumeName,
+    peer: peerName,
+    target: volumeName,
+    mode: z.enum(mirrorModes).optional(),
+    onDisconnect: z.enum(onDisconnectPolicies).optional(),
+    maxRateBytesPerSec: z.number().int().positive().max(Number.MAX_SAFE_INTEGER).optional(),
+  }),
+  'mirror.list': z.strictObject({}),
+  'mirror.status': z.strictObject({ volume: volumeName, peer: peerName.optional() }),
+  'mirror.remove': z.strictObject({ volume: volumeName, peer: peerName.optional(), force: z.boolean().optional() }),
+  'mirror.suspend': z.strictObject({ volume: volumeName, peer: peerName.optional() }),
+  'mirror.resume': z.strictObject({ volume: volumeName, peer: peerName.optional() }),
+  'mirror.reset': z.strictObject({ volume: volumeName, peer: peerName.optional() }),
   status: z.strictObject({}),
 } as const;
 
@@ -121,6 +142,42 @@ export interface PeerRemoveResult {
   name: string;
 }
 
+/** One mirror as mirror.status and mirror.list report it. */
+export interface MirrorInfo {
+  volume: string;
+  peer: string;
+  target: string;
+  mode: string;
+  onDisconnect: string;
+  maxRateBytesPerSec: number | null;
+  /** INIT, MAKEPARTS, RESET, ERROR, READY, REPLICATE, OUTOFSYNC or INSYNC. */
+  state: string;
+  since: string;
+  /** The event that led to the current state. */
+  cause: { event: string; reason: string; code: string | null };
+  /** Set in ERROR: what the admin must fix before resume or reset. */
+  error: { code: string; reason: string } | null;
+  suspended: boolean;
+  linkUp: boolean;
+  fullCopyDone: boolean;
+  sizeBytes: number;
+  /** Bytes the target lacks (whole 64 KiB regions). */
+  dirtyBytes: number;
+  /** Of the current copy or resync pass; 100 when in sync. */
+  progressPercent: number;
+  copiedBytes: number;
+  rateBytesPerSec: number;
+  etaSeconds: number | null;
+  sent: { liveBytes: number; copyBytes: number; zeroBytes: number; liveWrites: number };
+  nextRetryAt: string | null;
+  history: Array<{ from: string; to: string; event: string; reason: string; code: string | null; at: string }>;
+}
+
+export interface MirrorRemoveResult {
+  volume: string;
+  peer: string;
+}
+
 export interface StatusResult {
   version: string;
   pid: number;
@@ -128,8 +185,12 @@ export interface StatusResult {
   controlSocket: string;
   nbdSocket: string;
   nbdListen: string | null;
-  /** Configured replication address (--listen); reserved, nothing listens on it yet. */
+  /** Replication address (--listen) with the bound port, or null when not listening. */
   replicationListen: string | null;
+  nodeName: string;
+  mirrors: number;
+  /** Authenticated replication sessions writing this daemon's mirror volumes. */
+  replicationSessions: number;
   stateDir: string;
   peers: number;
   volumes: number;
@@ -147,6 +208,13 @@ export interface MethodResults {
   'peer.list': { peers: PeerInfo[] };
   'peer.info': PeerInfo;
   'peer.remove': PeerRemoveResult;
+  'mirror.add': MirrorInfo;
+  'mirror.list': { mirrors: MirrorInfo[] };
+  'mirror.status': { mirrors: MirrorInfo[] };
+  'mirror.remove': MirrorRemoveResult;
+  'mirror.suspend': MirrorInfo;
+  'mirror.resume': MirrorInfo;
+  'mirror.reset': MirrorInfo;
   status: StatusResult;
 }
 

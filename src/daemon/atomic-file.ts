@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 
-export function writeFileAtomicSync(targetPath: string, data: string, mode: number): void {
+export function writeFileAtomicSync(targetPath: string, data: string | Uint8Array, mode: number): void {
   const directory = path.dirname(targetPath);
   const tempPath = path.join(directory, `.${path.basename(targetPath)}.tmp-${process.pid}`);
   const fd = fs.openSync(tempPath, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC, mode);

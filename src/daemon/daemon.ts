@@ -1,7 +1,9 @@
 // blockmirrord's lifecycle: start everything in order, stop it in reverse. Start order: state
-// dir and lock, registry and volumes, NBD server, control socket, then READY=1. Stop order:
-// STOPPING=1, control socket, NBD server (in-flight requests answered), volumes (drained and
-// flushed), sockets removed, lock released.
+// dir and lock, registry and volumes, mirrors (they connect in the background), NBD server,
+// replication listener, control socket, then READY=1. Stop order: STOPPING=1, control socket,
+// held strict-mirror writes failed, NBD server (in-flight requests answered), replication
+// listener (applied writes finish), mirrors (links closed, dirty bitmaps saved), volumes
+// (drained and flushed), sockets removed, lock released.
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
@@ -12,6 +14,9 @@ import { ControlServer } from '../control/server';
 import { claimSocketPath, removeSocketPath } from '../control/socket-path';
 import { ioEngine, lockFileExclusive, sdNotify } from '../native/index';
 import { NbdServer } from '../nbd/server';
+import { MirrorManager } from '../replication/mirror-manager';
+import { loadMirrors } from '../replication/mirror-store';
+import { ReplicationServer } from '../replication/target-server';
 import { Volume } from '../volume/volume';
 import { SystemdNotifier } from './notify';
 import { loadPeers, PeerManager } from './peers';
@@ -38,6 +43,9 @@ export class Daemon {
   private lock: Lock | null = null;
   private volumes: VolumeManager | null = null;
   private peers: PeerManager | null = null;
+  private mirrors: MirrorManager | null = null;
+  private replication: ReplicationServer | null = null;
+  private replicationPort: number | null = null;
   private nbd: NbdServer | null = null;
   private control: ControlServer | null = null;
   private nbdListening = false;
@@ -67,7 +75,12 @@ export class Daemon {
     }
 
     const records = loadRegistry(config.stateDir);
-    const peers = new PeerManager({ stateDir: config.stateDir, logger: logger.child({ component: 'peers' }) });
+    const mirrorRecords = loadMirrors(config.stateDir);
+    const peers = new PeerManager({
+      stateDir: config.stateDir,
+      logger: logger.child({ component: 'peers' }),
+      inUse: (name) => (this.mirrors?.usesPeer(name) === true ? 'a mirror replicates to it; remove the mirror first' : null),
+    });
     peers.load(loadPeers(config.stateDir));
     this.peers = peers;
     const volumes = new VolumeManager({
@@ -76,6 +89,7 @@ export class Daemon {
       openVolume: (spec, volumeLogger) => Volume.open(spec, volumeLogger),
       connections: () => this.requireNbd(),
       uris: (name) => this.uris(name),
+      inUse: (name) => (this.mirrors?.usesVolume(name) === true ? 'it has a mirror; remove the mirror first' : null),
     });
     this.volumes = volumes;
     this.nbd = new NbdServer({
@@ -86,6 +100,21 @@ export class Daemon {
       shutdownTimeoutMs: nbdShutdownMsMax,
     });
     volumes.openRegistered(records);
+    const mirrors = new MirrorManager({
+      stateDir: config.stateDir,
+      nodeName: config.nodeName,
+      logger: logger.child({ component: 'mirrors' }),
+      timing: config.replication,
+      lookupVolume: (name) => {
+        const found = volumes.lookup(name);
+        if (found === undefined) return undefined;
+        return { role: found.record.role, readOnly: found.record.readOnly, volume: found.volume, failed: found.volume?.failure() !== undefined };
+      },
+      hasPeer: (name) => peers.has(name),
+      peerEndpoint: (name) => peers.endpoint(name),
+    });
+    this.mirrors = mirrors;
+    mirrors.load(mirrorRecords);
 
     await claimSocketPath(config.nbdSocket);
     this.checkNotStopping();
@@ -94,6 +123,18 @@ export class Daemon {
     fs.chmodSync(config.nbdSocket, socketMode);
     if (config.nbdListen !== null) {
       this.nbdTcpPort = await this.nbd.listenTcp(config.nbdListen.host, config.nbdListen.port);
+    }
+    this.checkNotStopping();
+
+    if (config.replicationListen !== null) {
+      this.replication = new ReplicationServer({
+        nodeName: config.nodeName,
+        secretForPeer: (name) => peers.secretFor(name),
+        lookupVolume: (name) => volumes.lookup(name),
+        bindSource: (name, binding) => volumes.bindMirrorSource(name, binding),
+        logger: logger.child({ component: 'replication' }),
+      });
+      this.replicationPort = await this.replication.listen(config.replicationListen.host, config.replicationListen.port);
     }
     this.checkNotStopping();
 
@@ -109,15 +150,19 @@ export class Daemon {
         'peer.list': async () => ({ peers: peers.list() }),
         'peer.info': async (params) => peers.info(params.name),
         'peer.remove': (params) => peers.remove(params),
+        'mirror.add': (params) => mirrors.add(params),
+        'mirror.list': async () => ({ mirrors: mirrors.list() }),
+        'mirror.status': async (params) => ({ mirrors: mirrors.status(params) }),
+        'mirror.remove': (params) => mirrors.remove(params),
+        'mirror.suspend': (params) => mirrors.command(params, 'suspend'),
+        'mirror.resume': (params) => mirrors.command(params, 'resume'),
+        'mirror.reset': (params) => mirrors.command(params, 'reset'),
         status: async () => this.status(),
       },
     });
     await this.control.listen(config.controlSocket);
     this.checkNotStopping();
 
-    if (config.replicationListen !== null) {
-      logger.warn({ replicationListen: formatHostPort(config.replicationListen) }, 'replication address recorded; nothing listens on it until replication is implemented');
-    }
     const status = `serving ${volumes.size} volume(s), ${volumes.errorCount} in error`;
     this.notifier.ready(status);
     this.notifier.startWatchdog();
@@ -131,6 +176,9 @@ export class Daemon {
         volumes: volumes.size,
         volumesInError: volumes.errorCount,
         peers: peers.size,
+        mirrors: mirrors.size,
+        nodeName: config.nodeName,
+        replicationPort: this.replicationPort,
         ioEngine,
       },
       'ready',
@@ -159,7 +207,10 @@ export class Daemon {
     };
     if (this.control !== null) await step('closing the control socket', () => this.control?.close());
     if (this.peers !== null) await step('finishing peer changes', () => this.peers?.close());
+    this.mirrors?.releaseHeldForShutdown();
     if (this.nbd !== null) await step('closing the NBD server', () => this.nbd?.close());
+    if (this.replication !== null) await step('closing the replication listener', () => this.replication?.close());
+    if (this.mirrors !== null) await step('stopping mirrors', () => this.mirrors?.stopAll());
     if (this.volumes !== null) await step('closing volumes', () => this.volumes?.closeAll());
     // Only a socket we listened on: after BM_ERR_SOCKET_IN_USE the file belongs to someone else.
     if (this.nbdListening) await step('removing the NBD socket', () => removeSocketPath(this.config.nbdSocket));
@@ -204,7 +255,11 @@ export class Daemon {
       controlSocket: this.config.controlSocket,
       nbdSocket: this.config.nbdSocket,
       nbdListen: this.config.nbdListen === null || this.nbdTcpPort === null ? null : `${this.config.nbdListen.host}:${this.nbdTcpPort}`,
-      replicationListen: this.config.replicationListen === null ? null : formatHostPort(this.config.replicationListen),
+      replicationListen:
+        this.config.replicationListen === null || this.replicationPort === null ? null : formatHostPort({ host: this.config.replicationListen.host, port: this.replicationPort }),
+      nodeName: this.config.nodeName,
+      mirrors: this.mirrors?.size ?? 0,
+      replicationSessions: this.replication?.sessionCount ?? 0,
       stateDir: this.config.stateDir,
       peers: this.peers?.size ?? 0,
       volumes: volumes?.size ?? 0,

@@ -77,6 +77,8 @@ export function checkSecretFile(secretFile: string): string | null {
 export interface PeerManagerOptions {
   stateDir: string;
   logger: Logger;
+  /** Why a peer cannot be removed now (a mirror uses it), or null. */
+  inUse?: (name: string) => string | null;
 }
 
 /** The peers the daemon knows. Changes run one at a time and are persisted before they are
@@ -85,11 +87,41 @@ export class PeerManager {
   private readonly peers = new Map<string, PeerRecord>();
   private readonly stateDir: string;
   private readonly logger: Logger;
+  private readonly inUse: (name: string) => string | null;
   private queue: Promise<unknown> = Promise.resolve();
 
   constructor(options: PeerManagerOptions) {
     this.stateDir = options.stateDir;
     this.logger = options.logger;
+    this.inUse = options.inUse ?? (() => null);
+  }
+
+  has(name: string): boolean {
+    return this.peers.has(name);
+  }
+
+  /** Where a peer listens and the secret shared with it, read from its file now. */
+  endpoint(name: string): { host: string; port: number; secret: Buffer } {
+    const record = this.get(name);
+    const address = parsePeerAddress(record.address);
+    assert(address !== null, 'validated on add and on load');
+    try {
+      return { host: address.host, port: address.port, secret: readSecretFile(record.secretFile) };
+    } catch (error) {
+      throw new BmError(ControlErrorCode.SecretFile, `peer ${name}: ${checkSecretFile(record.secretFile) ?? errorMessage(error)}`, { cause: error });
+    }
+  }
+
+  /** For the replication listener: the secret of a known peer, or undefined (unknown peer, or
+   *  its secret file is unusable, which is logged). */
+  secretFor(name: string): Buffer | undefined {
+    if (!this.peers.has(name)) return undefined;
+    try {
+      return this.endpoint(name).secret;
+    } catch (error) {
+      this.logger.error({ peer: name, reason: errorMessage(error) }, 'peer secret file is not usable; refusing the peer');
+      return undefined;
+    }
   }
 
   /** Take the loaded records. A secret file that no longer passes is logged, not fatal: the
@@ -137,6 +169,8 @@ export class PeerManager {
   remove(params: MethodParams<'peer.remove'>): Promise<PeerRemoveResult> {
     return this.exclusive(async () => {
       this.get(params.name);
+      const busy = this.inUse(params.name);
+      if (busy !== null) throw new BmError(ControlErrorCode.PeerBusy, `peer ${params.name} not removed: ${busy}`);
       const remaining = [...this.peers.values()].filter((record) => record.name !== params.name);
       try {
         savePeers(this.stateDir, remaining);

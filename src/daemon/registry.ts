@@ -20,8 +20,20 @@ const volumeRecordSchema = z.strictObject({
   // Added after version 1 was released; records written before it are primaries.
   role: z.enum(volumeRoles).default('primary'),
   createdAt: z.iso.datetime(),
+  /** Mirror volumes only: the source this target is bound to since its first accepted Hello.
+   *  Another source is refused (TARGET_BUSY) until the volume is removed and added again. */
+  mirrorSource: z
+    .strictObject({
+      peer: z.string().regex(volumeNamePattern),
+      volumeUuid: z.uuid(),
+      volumeName: z.string().regex(volumeNamePattern),
+      generation: z.number().int().positive().max(Number.MAX_SAFE_INTEGER),
+      boundAt: z.iso.datetime(),
+    })
+    .optional(),
 }).refine((record) => !(record.role === 'mirror' && record.readOnly), 'a mirror volume cannot be readOnly (the mirror service writes to it)');
 export type VolumeRecord = z.output<typeof volumeRecordSchema>;
+export type MirrorSourceBinding = NonNullable<VolumeRecord['mirrorSource']>;
 
 const registryFileSchema = z.strictObject({
   version: z.literal(registryVersion),

@@ -10,12 +10,13 @@ import { BmError, ControlErrorCode, errorCode, errorMessage } from '../control/e
 import type { MethodParams, VolumeInfo, VolumeRemoveResult } from '../control/protocol';
 import type { NbdExport } from '../nbd/types';
 import type { BlockBackend } from '../volume/backend';
+import type { ReplicaSource, ReplicaTarget } from '../volume/replica';
 import type { VolumeSpec } from '../volume/volume';
 import { describeErrno } from './errno';
-import { saveRegistry, volumesMax, type VolumeRecord } from './registry';
+import { saveRegistry, volumesMax, type MirrorSourceBinding, type VolumeRecord } from './registry';
 
 /** The part of an open volume the manager needs; src/volume/volume.ts's Volume satisfies it. */
-export interface OpenVolume extends BlockBackend {
+export interface OpenVolume extends BlockBackend, ReplicaSource, ReplicaTarget {
   close(): Promise<void>;
   /** Set once a device write or flush failed (see Volume.failure). */
   failure(): { code: string; message: string } | undefined;
@@ -40,6 +41,8 @@ export interface VolumeManagerOptions {
   openVolume: OpenVolumeFn;
   connections: () => ExportConnections;
   uris: (name: string) => VolumeUris;
+  /** Why a volume cannot be removed now (a mirror uses it), or null. */
+  inUse?: (name: string) => string | null;
 }
 
 interface Entry {
@@ -78,6 +81,7 @@ export class VolumeManager {
   private readonly openVolume: OpenVolumeFn;
   private readonly connections: () => ExportConnections;
   private readonly uris: (name: string) => VolumeUris;
+  private readonly inUse: (name: string) => string | null;
   private queue: Promise<unknown> = Promise.resolve();
   private closed = false;
 
@@ -87,6 +91,7 @@ export class VolumeManager {
     this.openVolume = options.openVolume;
     this.connections = options.connections;
     this.uris = options.uris;
+    this.inUse = options.inUse ?? (() => null);
   }
 
   /** Open every registered volume. A device that cannot be opened stays registered in state
@@ -197,6 +202,8 @@ export class VolumeManager {
   remove(params: MethodParams<'volume.remove'>): Promise<VolumeRemoveResult> {
     return this.exclusive(async () => {
       const entry = this.get(params.name);
+      const busy = this.inUse(params.name);
+      if (busy !== null) throw new BmError(ControlErrorCode.VolumeBusy, `volume ${params.name} not removed: ${busy}`);
       // Hide it first so no client connects between the check and the disconnect.
       entry.removing = true;
       const connected = this.connections().connectionCount(params.name);
@@ -221,6 +228,28 @@ export class VolumeManager {
         }
       }
       return { name: params.name, uuid: entry.record.uuid, disconnected: connected };
+    });
+  }
+
+  /** The record and open volume named `name`, for replication (source or target). */
+  lookup(name: string): { record: VolumeRecord; volume: OpenVolume | null } | undefined {
+    const entry = this.entries.get(name);
+    if (entry === undefined || entry.removing) return undefined;
+    return { record: entry.record, volume: entry.volume };
+  }
+
+  /** Records which source a mirror volume replicates, persisted before it is relied on. */
+  bindMirrorSource(name: string, binding: MirrorSourceBinding): Promise<void> {
+    return this.exclusive(async () => {
+      const entry = this.get(name);
+      const record: VolumeRecord = { ...entry.record, mirrorSource: binding };
+      try {
+        this.persist(this.records().map((other) => (other.name === name ? record : other)));
+      } catch (error) {
+        throw new BmError(ControlErrorCode.StateWrite, `binding volume ${name} to its source failed: writing the registry failed: ${errorMessage(error)}`, { cause: error });
+      }
+      entry.record = record;
+      this.logger.info({ volume: name, source: binding }, 'mirror volume bound to its source');
     });
   }
 

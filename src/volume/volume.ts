@@ -17,6 +17,7 @@ import type {
   WriteZeroesOptions,
 } from './backend';
 import { RangeLock, RangeLockHandle } from './range-lock';
+import type { VolumeReplica } from './replica';
 
 export interface VolumeSpec {
   name: string;
@@ -83,6 +84,8 @@ export class Volume implements BlockBackend {
   private readonly zeroIsFast: { mayDeallocate: boolean; noHole: boolean };
   /** NBD clients may not write: a read-only volume, or a mirror target. */
   private readonly clientReadOnly: boolean;
+  /** Mirrors of this volume: every client write, zeroing and flush is also handed to them. */
+  private replicas: readonly VolumeReplica[] = [];
 
   private constructor(spec: VolumeSpec, file: BlockFile, logger: Logger) {
     this.spec = spec;
@@ -186,19 +189,47 @@ export class Volume implements BlockBackend {
     try {
       if (this.spec.role !== 'mirror') throw new VolumeError('EPERM', `volume ${this.spec.name} is not a mirror volume`);
       this.checkDeviceWritable();
-      // The range comes from a peer, not from the validating NBD layer: check it as input, not
-      // as an invariant.
-      const endBytes = offsetBytes + data.length;
-      if (!Number.isSafeInteger(offsetBytes) || offsetBytes < 0 || data.length === 0 || endBytes > this.backendInfo.sizeBytes) {
-        throw new VolumeError('EINVAL', `volume ${this.spec.name}: write of ${data.length} bytes at ${offsetBytes} is outside the volume (${this.backendInfo.sizeBytes} bytes)`);
-      }
+      this.checkPeerRange(offsetBytes, data.length);
     } catch (error) {
       return Promise.reject(error);
     }
     return this.writeChecked(offsetBytes, data, fua);
   }
 
+  /** Starts handing client writes to `replica` (see VolumeReplica for the ordering contract). */
+  attachReplica(replica: VolumeReplica): void {
+    assert(!this.replicas.includes(replica), 'replica attached twice');
+    this.replicas = [...this.replicas, replica];
+  }
+
+  detachReplica(replica: VolumeReplica): void {
+    this.replicas = this.replicas.filter((attached) => attached !== replica);
+  }
+
+  /**
+   * Reads [offset, offset + buffer.length) for a mirror's copy while no client write to that
+   * range is in progress, and calls `onRead` before any new one may start: whatever `onRead`
+   * sends is ordered before every later write's forwarded copy. Sector-aligned ranges only.
+   */
+  async readForCopy(offsetBytes: number, buffer: Buffer, onRead: () => void): Promise<void> {
+    assert(this.isAligned(offsetBytes, buffer.length) && buffer.length > 0, 'copy reads are sector-aligned');
+    this.checkRange(offsetBytes, buffer.length);
+    this.begin();
+    try {
+      const lock = await this.rangeLock.acquire(offsetBytes, offsetBytes + buffer.length, true);
+      try {
+        await this.file.read(buffer, offsetBytes);
+        onRead();
+      } finally {
+        this.rangeLock.release(lock);
+      }
+    } finally {
+      this.end();
+    }
+  }
+
   private writeChecked(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
+    if (this.replicas.length > 0) return this.writeReplicated(offsetBytes, data, fua);
     this.begin();
     this.counters.writeOps++;
     this.counters.writeBytes += data.length;
@@ -208,11 +239,77 @@ export class Volume implements BlockBackend {
       .finally(this.endOp);
   }
 
+  /**
+   * A client write while mirrors are attached. The sector span is held exclusively from before
+   * the local write until it completed, and the replicas are handed the write inside that
+   * window: overlapping writes reach the local device and every mirror in the same order, and
+   * a mirror's copy read (readForCopy) falls wholly before or after each write.
+   */
+  private async writeReplicated(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
+    await this.admitReplicas();
+    this.checkDeviceWritable();
+    this.begin();
+    this.counters.writeOps++;
+    this.counters.writeBytes += data.length;
+    let replicated: Promise<unknown> = Promise.resolve();
+    try {
+      const aligned = this.isAligned(offsetBytes, data.length);
+      const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + data.length), true);
+      try {
+        const local = aligned
+          ? this.deviceWrite(offsetBytes, data, fua)
+          : this.readModifyWriteUnlocked(offsetBytes, data.length, fua, (span, headBytes) => data.copy(span, headBytes));
+        replicated = this.replicate((replica) => replica.replicateWrite(offsetBytes, data, fua, local));
+        await local.catch(this.failOnDeviceError);
+      } finally {
+        this.rangeLock.release(lock);
+      }
+      await replicated;
+    } finally {
+      this.end();
+    }
+  }
+
+  /** Zeroing (and trim, which becomes zeroing) while mirrors are attached; ordered like writes. */
+  private async writeZeroesReplicated(offsetBytes: number, lengthBytes: number, options: WriteZeroesOptions): Promise<void> {
+    await this.admitReplicas();
+    this.checkDeviceWritable();
+    this.begin();
+    let replicated: Promise<unknown> = Promise.resolve();
+    try {
+      const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + lengthBytes), true);
+      try {
+        const local = this.zeroUnlocked(offsetBytes, lengthBytes, options);
+        replicated = this.replicate((replica) => replica.replicateZeroes(offsetBytes, lengthBytes, options.fua, local));
+        await local.catch(this.failOnDeviceError);
+      } finally {
+        this.rangeLock.release(lock);
+      }
+      await replicated;
+    } finally {
+      this.end();
+    }
+  }
+
+  /** Hands one operation to every replica; the result settles when all of them have it. */
+  private replicate(hand: (replica: VolumeReplica) => Promise<void>): Promise<unknown> {
+    const replicas = this.replicas;
+    if (replicas.length === 1) return hand(replicas[0] as VolumeReplica);
+    return Promise.all(replicas.map(hand));
+  }
+
+  /** A replica in strict mode may hold new writes while its mirror is unprotected. */
+  private async admitReplicas(): Promise<void> {
+    for (const replica of this.replicas) await replica.admit();
+  }
+
   async flush(): Promise<void> {
     this.checkNotFailed();
     this.begin();
     try {
+      const replicated = this.replicas.length === 0 ? undefined : this.replicate((replica) => replica.replicateFlush());
       await this.file.flush().catch(this.failOnDeviceError);
+      await replicated;
     } finally {
       this.end();
     }
@@ -223,6 +320,15 @@ export class Volume implements BlockBackend {
   async trim(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void> {
     this.checkWritable();
     this.checkRange(offsetBytes, lengthBytes);
+    // A discarded range may read back as anything, so a mirror could not be kept equal by
+    // forwarding the discard. Mirrored volumes zero the whole sectors instead (deallocating
+    // where the device can): the same bytes on both sides, and still no data written.
+    if (this.replicas.length > 0) {
+      const startBytes = this.alignUp(offsetBytes);
+      const endBytes = this.alignDown(offsetBytes + lengthBytes);
+      if (startBytes >= endBytes) return;
+      return this.writeZeroesReplicated(startBytes, endBytes - startBytes, { fua, noHole: false, fastZero: false });
+    }
     const startBytes = this.alignUp(offsetBytes);
     const endBytes = this.alignDown(offsetBytes + lengthBytes);
     if (startBytes >= endBytes) return;
@@ -246,34 +352,71 @@ export class Volume implements BlockBackend {
   async writeZeroes(offsetBytes: number, lengthBytes: number, options: WriteZeroesOptions): Promise<void> {
     this.checkWritable();
     this.checkRange(offsetBytes, lengthBytes);
-    if (options.fastZero && !(options.noHole ? this.zeroIsFast.noHole : this.zeroIsFast.mayDeallocate)) {
-      // NBD: without a fast way to zero, FAST_ZERO must fail at once so the client writes instead.
-      throw new VolumeError('ENOTSUP', `${this.spec.devicePath}: cannot zero ranges without writing them`);
-    }
+    this.checkFastZero(options);
+    if (this.replicas.length > 0) return this.writeZeroesReplicated(offsetBytes, lengthBytes, options);
     this.begin();
     try {
-      const middleStartBytes = this.alignUp(offsetBytes);
-      const middleEndBytes = this.alignDown(offsetBytes + lengthBytes);
-      if (middleStartBytes < middleEndBytes) {
-        await this.zeroAligned(middleStartBytes, middleEndBytes - middleStartBytes, options);
+      // Whole sectors only: shared, like writes. Unaligned edges are read-modify-write: exclusive.
+      const exclusive = !this.isAligned(offsetBytes, lengthBytes);
+      const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + lengthBytes), exclusive);
+      try {
+        await this.zeroUnlocked(offsetBytes, lengthBytes, options);
+      } finally {
+        this.rangeLock.release(lock);
       }
-      // Unaligned edges (or a range inside one sector) are read-modify-write of zero bytes.
-      const headEndBytes = Math.min(offsetBytes + lengthBytes, middleStartBytes);
-      if (offsetBytes < headEndBytes) {
-        await this.readModifyWrite(offsetBytes, headEndBytes - offsetBytes, false, (span, head, len) => span.fill(0, head, head + len));
-      }
-      const tailStartBytes = Math.max(middleEndBytes, headEndBytes);
-      if (tailStartBytes < offsetBytes + lengthBytes) {
-        await this.readModifyWrite(tailStartBytes, offsetBytes + lengthBytes - tailStartBytes, false, (span, head, len) =>
-          span.fill(0, head, head + len),
-        );
-      }
-      if (options.fua) await this.file.flush();
     } catch (error) {
       this.failOnDeviceError(error);
     } finally {
       this.end();
     }
+  }
+
+  /** The mirror service's zeroing of a mirror volume (a write-zeroes frame from the source). */
+  async mirrorWriteZeroes(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void> {
+    if (this.spec.role !== 'mirror') throw new VolumeError('EPERM', `volume ${this.spec.name} is not a mirror volume`);
+    this.checkDeviceWritable();
+    this.checkPeerRange(offsetBytes, lengthBytes);
+    this.begin();
+    try {
+      const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + lengthBytes), true);
+      try {
+        await this.zeroUnlocked(offsetBytes, lengthBytes, { fua, noHole: false, fastZero: false });
+      } finally {
+        this.rangeLock.release(lock);
+      }
+    } catch (error) {
+      this.failOnDeviceError(error);
+    } finally {
+      this.end();
+    }
+  }
+
+  private checkFastZero(options: WriteZeroesOptions): void {
+    if (options.fastZero && !(options.noHole ? this.zeroIsFast.noHole : this.zeroIsFast.mayDeallocate)) {
+      // NBD: without a fast way to zero, FAST_ZERO must fail at once so the client writes instead.
+      throw new VolumeError('ENOTSUP', `${this.spec.devicePath}: cannot zero ranges without writing them`);
+    }
+  }
+
+  /** Zeroes a byte range; the caller holds its sector span (exclusively when edges are unaligned). */
+  private async zeroUnlocked(offsetBytes: number, lengthBytes: number, options: WriteZeroesOptions): Promise<void> {
+    const middleStartBytes = this.alignUp(offsetBytes);
+    const middleEndBytes = this.alignDown(offsetBytes + lengthBytes);
+    if (middleStartBytes < middleEndBytes) {
+      await this.zeroAligned(middleStartBytes, middleEndBytes - middleStartBytes, options);
+    }
+    // Unaligned edges (or a range inside one sector) are read-modify-write of zero bytes.
+    const headEndBytes = Math.min(offsetBytes + lengthBytes, middleStartBytes);
+    if (offsetBytes < headEndBytes) {
+      await this.readModifyWriteUnlocked(offsetBytes, headEndBytes - offsetBytes, false, (span, head, len) => span.fill(0, head, head + len));
+    }
+    const tailStartBytes = Math.max(middleEndBytes, headEndBytes);
+    if (tailStartBytes < offsetBytes + lengthBytes) {
+      await this.readModifyWriteUnlocked(tailStartBytes, offsetBytes + lengthBytes - tailStartBytes, false, (span, head, len) =>
+        span.fill(0, head, head + len),
+      );
+    }
+    if (options.fua) await this.file.flush();
   }
 
   /** There is no page cache under O_DIRECT to warm, and NBD_CMD_CACHE is advisory, so a valid
@@ -318,30 +461,35 @@ export class Volume implements BlockBackend {
     return this.closing;
   }
 
-  /** The hot path: no async frames, one copy into an aligned buffer, one native write. When no
-   *  read-modify-write holds or awaits an overlapping range, the range lock grants at once. */
+  /** The hot path: no async frames, one native write. When no read-modify-write holds or
+   *  awaits an overlapping range, the range lock grants at once. */
   private writeAligned(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
-    // Aligned pooled memory (an NBD payload assembled across socket reads) goes to the device as
-    // it is; anything else is copied once into an aligned buffer.
-    const direct = isAlignedBuffer(data, this.pool.alignBytes);
-    const buffer = direct ? data : this.pool.acquire(data.length);
-    if (!direct) data.copy(buffer);
     const lock = this.rangeLock.acquire(offsetBytes, offsetBytes + data.length, false);
     const write = (held: RangeLockHandle): Promise<void> =>
-      this.file.write(buffer, offsetBytes, fua).then(
+      this.deviceWrite(offsetBytes, data, fua).then(
         () => {
           this.rangeLock.release(held);
-          if (!direct) this.pool.release(buffer);
           this.end();
         },
         (error: unknown) => {
           this.rangeLock.release(held);
-          if (!direct) this.pool.release(buffer);
           this.end();
           this.failOnDeviceError(error);
         },
       );
     return lock instanceof Promise ? lock.then(write) : write(lock);
+  }
+
+  /** One aligned device write. Aligned pooled memory (an NBD payload assembled across socket
+   *  reads) goes to the device as it is; anything else is copied once into an aligned buffer. */
+  private deviceWrite(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
+    if (isAlignedBuffer(data, this.pool.alignBytes)) return this.file.write(data, offsetBytes, fua);
+    const buffer = this.pool.acquire(data.length);
+    data.copy(buffer);
+    const release = (): void => this.pool.release(buffer);
+    const written = this.file.write(buffer, offsetBytes, fua);
+    written.then(release, release);
+    return written;
   }
 
   /** Reads the sector span around [offset, offset+length), lets `modify` change the bytes, and
@@ -352,9 +500,23 @@ export class Volume implements BlockBackend {
     fua: boolean,
     modify: (span: Buffer, headBytes: number, lengthBytes: number) => void,
   ): Promise<void> {
+    const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + lengthBytes), true);
+    try {
+      await this.readModifyWriteUnlocked(offsetBytes, lengthBytes, fua, modify);
+    } finally {
+      this.rangeLock.release(lock);
+    }
+  }
+
+  /** The read-modify-write cycle; the caller holds the sector span exclusively. */
+  private async readModifyWriteUnlocked(
+    offsetBytes: number,
+    lengthBytes: number,
+    fua: boolean,
+    modify: (span: Buffer, headBytes: number, lengthBytes: number) => void,
+  ): Promise<void> {
     const startBytes = this.alignDown(offsetBytes);
     const endBytes = this.alignUp(offsetBytes + lengthBytes);
-    const lock = await this.rangeLock.acquire(startBytes, endBytes, true);
     const span = this.pool.acquire(endBytes - startBytes);
     try {
       await this.file.read(span, startBytes);
@@ -363,34 +525,29 @@ export class Volume implements BlockBackend {
       this.counters.readModifyWriteOps++;
     } finally {
       this.pool.release(span);
-      this.rangeLock.release(lock);
     }
   }
 
+  /** Zeroes whole sectors; the caller holds the range. */
   private async zeroAligned(offsetBytes: number, lengthBytes: number, options: WriteZeroesOptions): Promise<void> {
-    const lock = await this.rangeLock.acquire(offsetBytes, offsetBytes + lengthBytes, false);
     try {
-      try {
-        await this.file.writeZeroes(offsetBytes, lengthBytes, !options.noHole);
-        return;
-      } catch (error) {
-        const code = (error as { code?: string }).code;
-        if (code !== 'EOPNOTSUPP' && code !== 'ENOTSUP' && code !== 'ENOTTY') throw error;
-        if (options.fastZero) throw new VolumeError('ENOTSUP', `${this.spec.devicePath}: device cannot zero ranges fast`);
-      }
-      // The device has no zeroing primitive: write zero buffers.
-      const zeroes = this.pool.acquire(Math.min(zeroChunkBytes, lengthBytes));
-      zeroes.fill(0);
-      try {
-        for (let doneBytes = 0; doneBytes < lengthBytes; doneBytes += zeroes.length) {
-          const chunkBytes = Math.min(zeroes.length, lengthBytes - doneBytes);
-          await this.file.write(chunkBytes === zeroes.length ? zeroes : zeroes.subarray(0, chunkBytes), offsetBytes + doneBytes, false);
-        }
-      } finally {
-        this.pool.release(zeroes);
+      await this.file.writeZeroes(offsetBytes, lengthBytes, !options.noHole);
+      return;
+    } catch (error) {
+      const code = (error as { code?: string }).code;
+      if (code !== 'EOPNOTSUPP' && code !== 'ENOTSUP' && code !== 'ENOTTY') throw error;
+      if (options.fastZero) throw new VolumeError('ENOTSUP', `${this.spec.devicePath}: device cannot zero ranges fast`);
+    }
+    // The device has no zeroing primitive: write zero buffers.
+    const zeroes = this.pool.acquire(Math.min(zeroChunkBytes, lengthBytes));
+    zeroes.fill(0);
+    try {
+      for (let doneBytes = 0; doneBytes < lengthBytes; doneBytes += zeroes.length) {
+        const chunkBytes = Math.min(zeroes.length, lengthBytes - doneBytes);
+        await this.file.write(chunkBytes === zeroes.length ? zeroes : zeroes.subarray(0, chunkBytes), offsetBytes + doneBytes, false);
       }
     } finally {
-      this.rangeLock.release(lock);
+      this.pool.release(zeroes);
     }
   }
 
@@ -424,6 +581,14 @@ export class Volume implements BlockBackend {
     this.checkNotFailed();
     if (this.spec.readOnly) throw new VolumeError('EPERM', `volume ${this.spec.name} is read-only`);
     if (this.closing !== undefined) throw new VolumeError('ESHUTDOWN', `volume ${this.spec.name} is closing`);
+  }
+
+  /** A range from a peer, not from the validating NBD layer: checked as input, not as an invariant. */
+  private checkPeerRange(offsetBytes: number, lengthBytes: number): void {
+    const valid = Number.isSafeInteger(offsetBytes) && offsetBytes >= 0 && Number.isSafeInteger(lengthBytes) && lengthBytes > 0;
+    if (!valid || offsetBytes + lengthBytes > this.backendInfo.sizeBytes) {
+      throw new VolumeError('EINVAL', `volume ${this.spec.name}: ${lengthBytes} bytes at ${offsetBytes} is outside the volume (${this.backendInfo.sizeBytes} bytes)`);
+    }
   }
 
   /** The NBD layer validates bounds per the spec; this is the invariant underneath it. */

@@ -61,6 +61,8 @@ export interface Hello {
   logicalSectorBytes: number;
   generationIds: number[];
   capabilities: number;
+  /** The mirror volume on the target that should receive this volume. */
+  targetVolumeName: string;
 }
 export interface WireErrorBody {
   code: ErrorCodeName;

@@ -7,7 +7,8 @@ import { runCli, startDaemon } from '../helpers/daemon';
 const secretText = 'a-shared-secret-of-enough-bytes';
 
 t.test('peer add/list/info/remove, human and --json; the secret is never printed', async (t) => {
-  const daemon = await startDaemon(t, { args: ['--listen', '127.0.0.1:7801'] });
+  // Port 0: the listener binds a free port, and status reports the one it got.
+  const daemon = await startDaemon(t, { args: ['--listen', '127.0.0.1:0', '--node-name', 'hostA'] });
   const socket = ['--socket', daemon.paths.controlSocket];
   const secretFile = path.join(daemon.paths.dir, 'hostB.key');
   fs.writeFileSync(secretFile, secretText + '\n', { mode: 0o600 });
@@ -32,9 +33,10 @@ t.test('peer add/list/info/remove, human and --json; the secret is never printed
   t.match(row, new RegExp(`^hostB\\s+127\\.0\\.0\\.1:7802\\s+ok\\s+${secretFile}$`));
 
   const status = await runCli([...socket, 'status']);
-  t.match(status.stdout, /^replication:\s+127\.0\.0\.1:7801 \(reserved, not listening yet\)$/m);
+  t.match(status.stdout, /^replication:\s+127\.0\.0\.1:[1-9]\d* \(0 session\(s\)\)$/m);
+  t.match(status.stdout, /^node name:\s+hostA$/m);
   t.match(status.stdout, /^peers:\s+1$/m);
-  t.equal(JSON.parse((await runCli([...socket, '--json', 'status'])).stdout).replicationListen, '127.0.0.1:7801');
+  t.match(JSON.parse((await runCli([...socket, '--json', 'status'])).stdout).replicationListen, /^127\.0\.0\.1:[1-9]\d*$/);
 
   const duplicate = await runCli([...socket, 'peer', 'add', 'hostB', '--address', '127.0.0.1:7802', '--secret-file', secretFile]);
   t.equal(duplicate.code, 1);

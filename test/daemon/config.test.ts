@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { defaults, loadConfigFile, parseHostPort, resolveConfig } from '../../src/config/config';
+import { defaults, loadConfigFile, parseHostPort, replicationTimingDefaults, resolveConfig } from '../../src/config/config';
 import { spawnDaemon } from '../helpers/daemon';
 import { scratchDir } from '../helpers/loop';
 
@@ -46,9 +46,11 @@ t.test('a missing file is fine only at the default path', async (t) => {
 });
 
 t.test('flags override the file, the file overrides defaults', async (t) => {
-  const file = writeConfig(t, JSON.stringify({ stateDir: '/srv/bm', nbdListen: '127.0.0.1:10809', listen: '0.0.0.0:7800', logLevel: 'debug', controlSocket: '/run/x/c.sock' }));
+  const file = writeConfig(t, JSON.stringify({ stateDir: '/srv/bm', nbdListen: '127.0.0.1:10809', listen: '0.0.0.0:7800', logLevel: 'debug', controlSocket: '/run/x/c.sock', nodeName: 'hostA', replication: { ackTimeoutMs: 5000 } }));
   const fromFile = resolveConfig({ config: file });
   t.same(fromFile, {
+    nodeName: 'hostA',
+    replication: { ...replicationTimingDefaults, ackTimeoutMs: 5000 },
     controlSocket: '/run/x/c.sock',
     nbdSocket: defaults.nbdSocket,
     nbdListen: { host: '127.0.0.1', port: 10809 },
@@ -65,6 +67,10 @@ t.test('flags override the file, the file overrides defaults', async (t) => {
   t.equal(flagged.logLevel, 'warn');
   t.throws(() => resolveConfig({ config: file, nbdListen: 'x' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: '--nbd-listen: expected HOST:PORT' });
   t.throws(() => resolveConfig({ config: file, logLevel: 'x' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: /^--log-level: / });
+  t.equal(resolveConfig({ config: file, nodeName: 'hostB' }).nodeName, 'hostB');
+  t.throws(() => resolveConfig({ config: file, nodeName: 'no spaces' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: /^--node-name: / });
+  const badTiming = writeConfig(t, JSON.stringify({ replication: { backoffBaseMs: 5000, backoffMaxMs: 10 } }));
+  t.throws(() => resolveConfig({ config: badTiming }), { code: 'BM_ERR_CONFIG', message: /backoffBaseMs must not exceed backoffMaxMs/ });
 });
 
 t.test('blockmirrord exits 1 naming the field of a bad config file', async (t) => {

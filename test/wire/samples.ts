@@ -29,6 +29,7 @@ export function allSamples(): Sample[] {
         logicalSectorBytes: 512,
         generationIds: [BIG, 7, 1],
         capabilities: Capability.FUA | Capability.WRITE_ZEROES,
+        targetVolumeName: 'vol0-mirror',
       }),
     },
     {

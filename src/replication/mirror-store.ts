@@ -1,0 +1,108 @@
+// Mirrors, persisted in <state>/mirrors.json like volumes and peers (versioned, validated on
+// load, written atomically), and each mirror's dirty bitmap saved at a clean shutdown in
+// <state>/mirrors/<id>.bitmap (crc32c-checked by the addon's serializer).
+import fs from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+import { mirrorModes, onDisconnectPolicies, volumeNamePattern } from '../control/protocol';
+import { writeFileAtomicSync } from '../daemon/atomic-file';
+import { loadStateFile, saveStateFile, stateFileCorrupt, type StateFile } from '../daemon/state-file';
+import { MIRROR_ERROR_CODES } from './mirror-state';
+
+export const mirrorsVersion = 1;
+export const mirrorsFileName = 'mirrors.json';
+export const mirrorsMax = 1024;
+/** Fujitsu REC's limit, and a bound on the work one client write fans out to. */
+export const mirrorsPerVolumeMax = 8;
+const mirrorsFileBytesMax = 4 * 1024 * 1024;
+
+
+const name = z.string().regex(volumeNamePattern);
+
+const mirrorRecordSchema = z.strictObject({
+  id: z.uuid(),
+  volume: name,
+  peer: name,
+  target: name,
+  mode: z.enum(mirrorModes),
+  onDisconnect: z.enum(onDisconnectPolicies),
+  maxRateBytesPerSec: z.number().int().positive().nullable(),
+  /** Names this mirror's history on the target; a new one (admin reset) forces a full copy. */
+  generation: z.number().int().positive().max(Number.MAX_SAFE_INTEGER),
+  /** The first full copy finished: from now on the bitmap alone says what the target lacks. */
+  fullCopyDone: z.boolean(),
+  suspended: z.boolean(),
+  /** Set while the mirror is in ERROR, so a restart does not forget why. */
+  error: z.strictObject({ code: z.enum(MIRROR_ERROR_CODES), reason: z.string().max(4096) }).nullable(),
+  createdAt: z.iso.datetime(),
+});
+export type MirrorRecord = z.infer<typeof mirrorRecordSchema>;
+
+const mirrorsFileSchema = z.strictObject({
+  version: z.literal(mirrorsVersion),
+  mirrors: z.array(mirrorRecordSchema).max(mirrorsMax),
+});
+
+const mirrorsFile: StateFile<z.output<typeof mirrorsFileSchema>> = {
+  what: 'mirror registry',
+  version: mirrorsVersion,
+  bytesMax: mirrorsFileBytesMax,
+  schema: mirrorsFileSchema,
+};
+
+export function mirrorsPath(stateDir: string): string {
+  return path.join(stateDir, mirrorsFileName);
+}
+
+export function loadMirrors(stateDir: string): MirrorRecord[] {
+  const filePath = mirrorsPath(stateDir);
+  const document = loadStateFile(filePath, mirrorsFile);
+  if (document === undefined) return [];
+  const keys = new Set<string>();
+  for (const record of document.mirrors) {
+    const key = `${record.volume}\0${record.peer}`;
+    if (keys.has(key)) throw stateFileCorrupt(mirrorsFile.what, filePath, `mirror of ${record.volume} to ${record.peer} appears twice`);
+    keys.add(key);
+  }
+  return document.mirrors;
+}
+
+export function saveMirrors(stateDir: string, records: readonly MirrorRecord[]): void {
+  saveStateFile(mirrorsPath(stateDir), mirrorsFile, { version: mirrorsVersion, mirrors: [...records] });
+}
+
+export function bitmapPath(stateDir: string, id: string): string {
+  return path.join(stateDir, 'mirrors', `${id}.bitmap`);
+}
+
+export function saveBitmapFile(stateDir: string, id: string, serialized: Buffer): void {
+  const filePath = bitmapPath(stateDir, id);
+  fs.mkdirSync(path.dirname(filePath), { recursive: true, mode: 0o750 });
+  writeFileAtomicSync(filePath, serialized, 0o640);
+}
+
+/** The saved bitmap, or undefined when there is none. The file is removed once read: a crash
+ *  after this start must not resurrect a bitmap that no longer covers what was written since. */
+export function takeBitmapFile(stateDir: string, id: string): Buffer | undefined {
+  const filePath = bitmapPath(stateDir, id);
+  let data: Buffer;
+  try {
+    data = fs.readFileSync(filePath);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw error;
+  }
+  fs.rmSync(filePath, { force: true });
+  // The removal must be durable before any write is accepted, or a crash could bring it back.
+  const directoryFd = fs.openSync(path.dirname(filePath), fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  try {
+    fs.fsyncSync(directoryFd);
+  } finally {
+    fs.closeSync(directoryFd);
+  }
+  return data;
+}
+
+export function removeBitmapFile(stateDir: string, id: string): void {
+  fs.rmSync(bitmapPath(stateDir, id), { force: true });
+}

@@ -1,0 +1,629 @@
+// One mirror: a source volume replicated to a target volume on a peer daemon. It drives the
+// state machine (mirror-state.ts) with what really happens on the link, keeps the dirty bitmap
+// of what the target lacks (FastResync), copies dirty regions while the volume stays live, and
+// is the volume's VolumeReplica: every client write is forwarded (synchronous mode) or recorded
+// dirty. See docs/MIRROR-STATES.md and docs/PROTOCOL.md.
+//
+// The one invariant everything rests on: a region is clean in `dirty` only if the target has
+// acknowledged the bytes the source holds there, or a send of them is in flight that will either
+// be acknowledged or put the region back. Writes on the dirty path set their bits before and
+// after their local write; a forwarded write that is not acknowledged sets them once its local
+// write has finished; a copy chunk clears its bits under the volume's range lock, in the same
+// critical section in which it reads and sends the bytes.
+import assert from 'node:assert';
+import type { Logger } from 'pino';
+import type { MirrorInfo } from '../control/protocol';
+import { BufferPool, DirtyBitmap } from '../native/index';
+import type { ReplicaSource, VolumeReplica } from '../volume/replica';
+import { ExponentialBackoff } from './backoff';
+import type { MirrorRecord } from './mirror-store';
+import { MirrorStateMachine, type MirrorErrorCode, type MirrorEvent, type MirrorTransition } from './mirror-state';
+import { RateLimit } from './rate-limit';
+import { LinkSetupError, SourceLink, type SendResult } from './source-link';
+
+/** Dirty-bitmap granularity: 64 KiB regions cost 2 MiB of bitmap per TiB. */
+export const REGION_BYTES = 64 * 1024;
+/** Largest copy chunk, and how many may be in flight: bounds the copier's memory to 8 MiB. */
+const CHUNK_BYTES_MAX = 1024 * 1024;
+const CHUNKS_IN_FLIGHT_MAX = 8;
+/** With acknowledged but unflushed data on the target, flush it at least this often, so a
+ *  crack resends little more than what was really missed. */
+const TARGET_FLUSH_INTERVAL_MS = 1000;
+const ZERO_CHUNK = Buffer.alloc(CHUNK_BYTES_MAX);
+
+export interface PeerEndpoint {
+  host: string;
+  port: number;
+  secret: Buffer;
+}
+
+export interface MirrorTiming {
+  connectTimeoutMs: number;
+  ackTimeoutMs: number;
+  backoffBaseMs: number;
+  backoffMaxMs: number;
+}
+
+export const defaultMirrorTiming: MirrorTiming = {
+  connectTimeoutMs: 10_000,
+  ackTimeoutMs: 30_000,
+  backoffBaseMs: 500,
+  backoffMaxMs: 30_000,
+};
+
+export interface MirrorOptions {
+  record: MirrorRecord;
+  volume: ReplicaSource;
+  nodeName: string;
+  /** Address and secret of the peer, read when connecting (the admin may rotate the secret). */
+  resolvePeer: () => PeerEndpoint;
+  /** Persists a changed record; throws when the state dir cannot be written. */
+  persist: (record: MirrorRecord) => void;
+  /** The bitmap saved at the last clean shutdown, if any (already validated or undefined). */
+  savedBitmap: DirtyBitmap | undefined;
+  timing: MirrorTiming;
+  logger: Logger;
+}
+
+class Wakeup {
+  private waiters: Array<() => void> = [];
+  wait(timeoutMs?: number): Promise<void> {
+    return new Promise((resolve) => {
+      let timer: NodeJS.Timeout | undefined;
+      const done = (): void => {
+        if (timer !== undefined) clearTimeout(timer);
+        resolve();
+      };
+      this.waiters.push(done);
+      if (timeoutMs !== undefined) {
+        timer = setTimeout(() => {
+          this.waiters = this.waiters.filter((waiter) => waiter !== done);
+          resolve();
+        }, timeoutMs);
+      }
+    });
+  }
+  notify(): void {
+    for (const waiter of this.waiters.splice(0)) waiter();
+  }
+}
+
+export class MirrorError extends Error {
+  constructor(readonly code: string, message: string) {
+    super(message);
+    this.name = 'MirrorError';
+  }
+}
+
+export class Mirror implements VolumeReplica {
+  private record: MirrorRecord;
+  readonly volume: ReplicaSource;
+  private readonly options: MirrorOptions;
+  private readonly logger: Logger;
+  readonly machine: MirrorStateMachine;
+  /** Regions the target lacks. */
+  private readonly dirty: DirtyBitmap;
+  /** Regions the target acknowledged but has not flushed: lost with a crashed target host, so
+   *  they count as dirty when the link drops without a flush. */
+  private unflushed: DirtyBitmap;
+  private readonly backoff: ExponentialBackoff;
+  private readonly rateLimit: RateLimit | undefined;
+  private readonly pool = new BufferPool({ maxPooledBytes: CHUNK_BYTES_MAX * CHUNKS_IN_FLIGHT_MAX, alignBytes: 4096 });
+  private readonly wakeup = new Wakeup();
+  private readonly abort = new AbortController();
+  private link: SourceLink | null = null;
+  private driver: Promise<void> | null = null;
+  private stopping = false;
+  /** A severe failure seen on the data path, for the driver to act on. */
+  private pendingSevere: { code: MirrorErrorCode; reason: string } | null = null;
+  /** Writes held by a strict mirror until it is in sync again. */
+  private held: Array<{ resolve: () => void; reject: (error: Error) => void }> = [];
+  private nextRetryAtMs: number | null = null;
+  private lastTargetFlushMs = 0;
+  private pass = { startMs: 0, copiedBytes: 0 };
+  private readonly sent = { liveBytes: 0, copyBytes: 0, zeroBytes: 0, liveWrites: 0 };
+
+  constructor(options: MirrorOptions) {
+    this.options = options;
+    this.record = options.record;
+    this.volume = options.volume;
+    this.logger = options.logger.child({ mirror: `${this.record.volume}->${this.record.peer}:${this.record.target}` });
+    const sizeBytes = this.volume.info().sizeBytes;
+    this.machine = new MirrorStateMachine({ now: Date.now });
+    this.machine.onTransition((transition) => this.onTransition(transition));
+    const saved = options.savedBitmap;
+    if (saved !== undefined && saved.sizeBytes === sizeBytes && saved.regionBytes === REGION_BYTES) {
+      this.dirty = saved;
+    } else {
+      // Nothing saved (new mirror, or the daemon did not shut down cleanly): the target may lack
+      // anything, so everything is dirty.
+      this.dirty = new DirtyBitmap(sizeBytes, REGION_BYTES);
+      this.dirty.setRange(0, sizeBytes);
+    }
+    this.unflushed = new DirtyBitmap(sizeBytes, REGION_BYTES);
+    this.backoff = new ExponentialBackoff({ baseMs: options.timing.backoffBaseMs, maxMs: options.timing.backoffMaxMs, random: Math.random });
+    this.rateLimit = this.record.maxRateBytesPerSec === null ? undefined : new RateLimit(this.record.maxRateBytesPerSec, CHUNK_BYTES_MAX);
+    if (this.record.error !== null) {
+      // Restored across a restart: ERROR waits for the admin, with the reason it had.
+      this.machine.fire({ type: 'start', reason: 'restoring the state saved before the restart' });
+      this.machine.fire({ type: 'validationFailed', code: this.record.error.code, reason: `${this.record.error.reason} (before the restart)` });
+    }
+  }
+
+  get key(): { volume: string; peer: string } {
+    return { volume: this.record.volume, peer: this.record.peer };
+  }
+
+  get currentRecord(): MirrorRecord {
+    return this.record;
+  }
+
+  /** Starts driving the mirror (connecting unless suspended or in ERROR). */
+  start(): void {
+    assert(this.driver === null);
+    this.volume.attachReplica(this);
+    this.driver = this.drive().catch((error: unknown) => {
+      this.logger.error({ err: error }, 'mirror driver failed');
+    });
+  }
+
+  /** Stops the link and the driver; held writes fail with ESHUTDOWN. Returns the dirty bitmap
+   *  (everything the target may lack) for saving. Idempotent. */
+  async stop(reason: string): Promise<DirtyBitmap> {
+    this.stopping = true;
+    this.releaseHeld(new MirrorError('ESHUTDOWN', `mirror of ${this.record.volume} is stopping`));
+    this.abort.abort();
+    this.link?.close(reason);
+    this.wakeup.notify();
+    await this.driver;
+    this.volume.detachReplica(this);
+    if (this.machine.canFire('stop')) this.machine.fire({ type: 'stop', reason });
+    this.dirty.merge(this.unflushed);
+    this.unflushed = new DirtyBitmap(this.dirty.sizeBytes, REGION_BYTES);
+    return this.dirty;
+  }
+
+  /** Only fails held writes (ESHUTDOWN) so the NBD server can drain before the mirror stops. */
+  releaseHeldForShutdown(): void {
+    this.stopping = true;
+    this.releaseHeld(new MirrorError('ESHUTDOWN', `mirror of ${this.record.volume} is stopping`));
+  }
+
+  // --- admin commands ------------------------------------------------------------------------
+
+  suspend(): void {
+    this.refuseUnlessAllowed('suspend');
+    this.update({ suspended: true });
+    this.link?.close('suspended by the admin');
+    this.wakeup.notify();
+  }
+
+  resume(): void {
+    this.refuseUnlessAllowed('resume');
+    this.update({ suspended: false });
+    if (this.machine.state === 'ERROR' || this.machine.state === 'RESET') this.machine.fire({ type: 'adminResume' });
+    this.backoff.reset();
+    this.wakeup.notify();
+  }
+
+  /** Clears an ERROR; the next connection starts a full copy under a new generation. */
+  reset(): void {
+    this.refuseUnlessAllowed('reset');
+    this.update({ generation: newGeneration(), fullCopyDone: false, suspended: false });
+    this.dirty.setRange(0, this.dirty.sizeBytes);
+    this.machine.fire({ type: 'adminReset' });
+    this.backoff.reset();
+    this.wakeup.notify();
+  }
+
+  checkRemovable(force: boolean): void {
+    const refusal = this.machine.commandAllowed('remove', { force });
+    if (refusal !== undefined) throw new MirrorError(refusal.code, refusal.message);
+  }
+
+  markRemoved(): void {
+    if (this.machine.canFire('remove')) this.machine.fire({ type: 'remove' });
+  }
+
+  info(): MirrorInfo {
+    const status = this.machine.toStatus();
+    const dirtyBytes = this.dirty.dirtyBytes();
+    const elapsedS = (Date.now() - this.pass.startMs) / 1000;
+    const copying = status.state === 'REPLICATE' || (status.state === 'OUTOFSYNC' && status.linkUp);
+    const rate = copying && elapsedS > 0 ? this.pass.copiedBytes / elapsedS : 0;
+    const total = this.pass.copiedBytes + dirtyBytes;
+    const progress = status.state === 'INSYNC' || total === 0 ? (dirtyBytes === 0 ? 100 : 0) : (100 * this.pass.copiedBytes) / total;
+    return {
+      volume: this.record.volume,
+      peer: this.record.peer,
+      target: this.record.target,
+      mode: this.record.mode,
+      onDisconnect: this.record.onDisconnect,
+      maxRateBytesPerSec: this.record.maxRateBytesPerSec,
+      state: status.state,
+      since: status.since,
+      cause: { ...status.cause },
+      error: status.errorCode === null ? null : { code: status.errorCode, reason: status.errorReason ?? '' },
+      suspended: this.record.suspended,
+      linkUp: status.linkUp,
+      fullCopyDone: this.record.fullCopyDone,
+      sizeBytes: this.dirty.sizeBytes,
+      dirtyBytes,
+      progressPercent: Math.floor(progress * 10) / 10,
+      copiedBytes: this.pass.copiedBytes,
+      rateBytesPerSec: Math.round(rate),
+      etaSeconds: rate > 0 ? Math.ceil(dirtyBytes / rate) : null,
+      sent: { ...this.sent },
+      nextRetryAt: this.nextRetryAtMs === null ? null : new Date(this.nextRetryAtMs).toISOString(),
+      history: status.history.slice(-10).map((entry) => ({
+        from: entry.from,
+        to: entry.to,
+        event: entry.cause.event,
+        reason: entry.cause.reason,
+        code: entry.cause.code,
+        at: new Date(entry.atMs).toISOString(),
+      })),
+    };
+  }
+
+  // --- VolumeReplica -------------------------------------------------------------------------
+
+  admit(): Promise<void> | void {
+    if (this.mustHold()) return this.hold();
+  }
+
+  replicateWrite(offsetBytes: number, data: Buffer, fua: boolean, local: Promise<void>): Promise<void> {
+    return this.forward(offsetBytes, data.length, local, (link) => link.write(offsetBytes, data, data.length, fua));
+  }
+
+  replicateZeroes(offsetBytes: number, lengthBytes: number, fua: boolean, local: Promise<void>): Promise<void> {
+    return this.forward(offsetBytes, lengthBytes, local, (link) => link.write(offsetBytes, undefined, lengthBytes, fua));
+  }
+
+  async replicateFlush(): Promise<void> {
+    const link = this.liveLink();
+    if (link === null) {
+      // Nothing to make durable there; what the target lacks is dirty. A strict mirror holds
+      // the flush like a write: it must not report durability it does not have.
+      if (this.mustHold()) await this.hold();
+      return;
+    }
+    const result = await this.flushTarget(link);
+    if (result !== 'ok' && this.mustHold()) await this.hold();
+  }
+
+  // --- data path -----------------------------------------------------------------------------
+
+  /** The link when live writes are forwarded on it: connected and past the READY decision. */
+  private liveLink(): SourceLink | null {
+    const link = this.link;
+    if (link === null || !link.isOpen) return null;
+    const state = this.machine.state;
+    return state === 'REPLICATE' || state === 'OUTOFSYNC' || state === 'INSYNC' ? link : null;
+  }
+
+  private forward(offsetBytes: number, lengthBytes: number, local: Promise<void>, send: (link: SourceLink) => Promise<SendResult>): Promise<void> {
+    const link = this.liveLink();
+    if (link === null || this.dirty.testRange(offsetBytes, lengthBytes)) {
+      // The region is behind anyway (or there is no link): the copier will send what the local
+      // device holds once this write is done.
+      this.dirty.setRange(offsetBytes, lengthBytes);
+      return this.settle(local, offsetBytes, lengthBytes, Promise.resolve<SendResult>('lost'));
+    }
+    this.sent.liveWrites++;
+    this.sent.liveBytes += lengthBytes;
+    return this.settle(local, offsetBytes, lengthBytes, send(link));
+  }
+
+  private async settle(local: Promise<void>, offsetBytes: number, lengthBytes: number, sent: Promise<SendResult>): Promise<void> {
+    const [, result] = await Promise.all([local.catch(() => undefined), sent]);
+    if (result === 'ok') {
+      this.unflushed.setRange(offsetBytes, lengthBytes);
+      return;
+    }
+    // After the local write: a copy that read the region before it finished must not be the
+    // last word.
+    this.dirty.setRange(offsetBytes, lengthBytes);
+    if (result === 'failed') this.targetFailed();
+    if (this.mustHold()) await this.hold();
+  }
+
+  private async flushTarget(link: SourceLink): Promise<SendResult> {
+    const covered = this.unflushed.snapshotAndClear();
+    this.lastTargetFlushMs = performance.now();
+    const result = await link.flush();
+    if (result !== 'ok') this.dirty.merge(covered);
+    if (result === 'failed') this.targetFailed();
+    return result;
+  }
+
+  private targetFailed(): void {
+    if (this.pendingSevere !== null) return;
+    const status = this.link?.lastTargetStatus ?? 'an error';
+    this.pendingSevere = { code: 'BM_ERR_TARGET_IO', reason: `the target answered ${status} writing replicated data` };
+    this.link?.close('the target failed a write');
+    this.wakeup.notify();
+  }
+
+  /** A strict mirror that has been in sync holds writes while the target is not protected. */
+  private mustHold(): boolean {
+    return this.record.onDisconnect === 'block' && this.record.fullCopyDone && !this.record.suspended && this.machine.state !== 'INSYNC';
+  }
+
+  private hold(): Promise<void> {
+    if (this.stopping) return Promise.reject(new MirrorError('ESHUTDOWN', `mirror of ${this.record.volume} is stopping`));
+    return new Promise((resolve, reject) => this.held.push({ resolve, reject }));
+  }
+
+  private releaseHeld(error?: Error): void {
+    for (const waiter of this.held.splice(0)) {
+      if (error === undefined) waiter.resolve();
+      else waiter.reject(error);
+    }
+  }
+
+  // --- driver --------------------------------------------------------------------------------
+
+  private fire(event: MirrorEvent): void {
+    this.machine.fire(event);
+  }
+
+  private onTransition(transition: MirrorTransition): void {
+    const { from, to, cause } = transition;
+    this.logger.info({ from, to, event: cause.event, reason: cause.reason, code: cause.code }, `mirror ${from} -> ${to}`);
+    if (to === 'ERROR' && from !== 'ERROR' && cause.code !== null && this.record.error?.code !== cause.code) {
+      this.tryUpdate({ error: { code: cause.code as MirrorErrorCode, reason: cause.reason } });
+    } else if (from === 'ERROR' && to !== 'ERROR') {
+      this.tryUpdate({ error: null });
+    }
+    if (to === 'INSYNC' || this.record.suspended || to === 'ERROR') this.releaseHeld();
+  }
+
+  private async drive(): Promise<void> {
+    while (!this.stopping) {
+      const state = this.machine.state;
+      if (state === 'ERROR' || (state === 'INIT' && this.record.suspended)) {
+        await this.wakeup.wait();
+      } else if (state === 'INIT') {
+        this.fire({ type: 'start' });
+      } else if (state === 'MAKEPARTS' && this.record.suspended) {
+        this.fire({ type: 'stop', reason: 'suspended by the admin' });
+      } else if (state === 'MAKEPARTS') {
+        await this.connect();
+      } else if (state === 'RESET') {
+        const delayMs = this.backoff.nextDelayMs();
+        this.nextRetryAtMs = Date.now() + delayMs;
+        await this.wakeup.wait(delayMs);
+        this.nextRetryAtMs = null;
+        if (this.stopping || this.machine.state !== 'RESET') continue;
+        this.fire({ type: 'retryDue' });
+      } else if (state === 'READY') {
+        this.decide();
+      } else if (this.link === null || !this.link.isOpen || this.record.suspended) {
+        await this.cracked();
+      } else if (state === 'REPLICATE' || state === 'OUTOFSYNC') {
+        await this.resync(this.link);
+      } else {
+        await this.watchInSync(this.link);
+      }
+    }
+  }
+
+  private async connect(): Promise<void> {
+    const { record } = this;
+    let link: SourceLink;
+    try {
+      const peer = this.options.resolvePeer();
+      const info = this.volume.info();
+      link = await SourceLink.open({
+        host: peer.host,
+        port: peer.port,
+        nodeName: this.options.nodeName,
+        peerName: record.peer,
+        secret: peer.secret,
+        hello: {
+          volumeUuid: this.volume.spec.uuid,
+          volumeName: record.volume,
+          targetVolumeName: record.target,
+          sizeBytes: info.sizeBytes,
+          logicalSectorBytes: info.logicalSectorBytes,
+          generationIds: [record.generation],
+          capabilities: 0,
+        },
+        connectTimeoutMs: this.options.timing.connectTimeoutMs,
+        ackTimeoutMs: this.options.timing.ackTimeoutMs,
+        logger: this.logger,
+        signal: this.abort.signal,
+      });
+    } catch (error) {
+      if (this.stopping || this.machine.state !== 'MAKEPARTS') return;
+      if (error instanceof LinkSetupError && error.severity === 'severe') {
+        this.fire({ type: 'validationFailed', code: error.code as MirrorErrorCode, reason: error.message });
+      } else {
+        const code = (error as { code?: string }).code ?? 'BM_ERR_INTERNAL';
+        this.fire({ type: 'transientFailure', code, reason: (error as Error).message });
+      }
+      return;
+    }
+    if (this.stopping || this.machine.state !== 'MAKEPARTS' || this.record.suspended) {
+      link.close('mirror stopped while connecting');
+      if (this.record.suspended && this.machine.canFire('stop')) this.fire({ type: 'stop', reason: 'suspended by the admin' });
+      return;
+    }
+    this.link = link;
+    this.pendingSevere = null;
+    link.onClose(() => this.wakeup.notify());
+    this.fire({ type: 'connected', reason: `connected to ${record.peer}, authenticated; target accepted the hello` });
+    this.fire({ type: 'validated', reason: `target ${record.target} on ${record.peer} validated (${link.reply.sizeBytes} bytes)` });
+  }
+
+  /** READY: full copy, bitmap resync, or nothing, from the target's answer and our records. */
+  private decide(): void {
+    const link = this.link;
+    assert(link !== null);
+    const knowsUs = link.reply.generationIds.includes(this.record.generation);
+    if (!knowsUs) {
+      // The target has no history with this generation (new, re-added, or reset): everything.
+      if (this.record.fullCopyDone) this.update({ fullCopyDone: false });
+      this.dirty.setRange(0, this.dirty.sizeBytes);
+    }
+    this.startPass();
+    if (!this.record.fullCopyDone) {
+      this.fire({ type: 'fullCopyNeeded', reason: knowsUs ? 'resuming the interrupted full copy' : 'target has no copy of this volume yet: full copy' });
+    } else if (this.dirty.count() > 0) {
+      this.fire({ type: 'bitmapResyncNeeded', reason: `target behind by ${this.dirty.dirtyBytes()} bytes: resync from the dirty bitmap` });
+    } else {
+      this.fire({ type: 'alreadyInSync' });
+      this.backoff.reset();
+    }
+  }
+
+  private startPass(): void {
+    this.pass = { startMs: Date.now(), copiedBytes: 0 };
+  }
+
+  /** The link is down in OUTOFSYNC/INSYNC/REPLICATE: crack, then reconnect after a pause. */
+  private async cracked(): Promise<void> {
+    const link = this.link;
+    this.link = null;
+    const state = this.machine.state;
+    if (link !== null) this.dirty.merge(this.unflushed.snapshotAndClear());
+    if (this.pendingSevere !== null) {
+      const severe = this.pendingSevere;
+      this.pendingSevere = null;
+      if (this.machine.canFire('severeFailure')) this.fire({ type: 'severeFailure', code: severe.code, reason: severe.reason });
+      return;
+    }
+    if (this.machine.isLinkUp && this.machine.canFire('connectionLost')) {
+      this.fire({ type: 'connectionLost', reason: this.record.suspended ? 'suspended by the admin' : 'connection to the target lost' });
+      return;
+    }
+    if (this.record.suspended) {
+      if (this.machine.canFire('stop')) this.fire({ type: 'stop', reason: 'suspended by the admin' });
+      return;
+    }
+    assert(state === 'OUTOFSYNC', `cracked in ${state}`);
+    const delayMs = this.backoff.nextDelayMs();
+    this.nextRetryAtMs = Date.now() + delayMs;
+    await this.wakeup.wait(delayMs);
+    this.nextRetryAtMs = null;
+    if (!this.stopping && this.machine.state === 'OUTOFSYNC' && !this.record.suspended) this.fire({ type: 'reconnect' });
+  }
+
+  /** Copies dirty regions until the bitmap is clean and the target flushed them. */
+  private async resync(link: SourceLink): Promise<void> {
+    const sizeBytes = this.dirty.sizeBytes;
+    let inFlight = 0;
+    let cursor = 0;
+    const progress = new Wakeup();
+    while (link.isOpen && !this.stopping && this.pendingSevere === null) {
+      let run = this.dirty.runs(Math.min(cursor, sizeBytes), 1)[0];
+      if (run === undefined && cursor > 0) run = this.dirty.runs(0, 1)[0];
+      if (run === undefined) {
+        if (inFlight > 0) {
+          await progress.wait();
+          continue;
+        }
+        const flushed = await this.flushTarget(link);
+        if (flushed !== 'ok' || this.dirty.count() > 0) continue;
+        if (this.machine.state === 'REPLICATE' || this.machine.state === 'OUTOFSYNC') {
+          if (!this.record.fullCopyDone) this.update({ fullCopyDone: true });
+          this.backoff.reset();
+          this.fire({ type: 'copyComplete', reason: `target holds every region (${this.pass.copiedBytes} bytes copied)` });
+        }
+        return;
+      }
+      const offsetBytes = run.offsetBytes;
+      const lengthBytes = Math.min(run.lengthBytes, CHUNK_BYTES_MAX, sizeBytes - offsetBytes);
+      while (inFlight >= CHUNKS_IN_FLIGHT_MAX && link.isOpen) await progress.wait();
+      if (this.rateLimit !== undefined) {
+        try {
+          await this.rateLimit.take(lengthBytes, this.abort.signal);
+        } catch {
+          return; // stopping
+        }
+      }
+      await link.whenWritable();
+      if (!link.isOpen) break;
+      const buffer = this.pool.acquire(lengthBytes);
+      let sent: Promise<SendResult> | undefined;
+      let zero = false;
+      try {
+        await this.volume.readForCopy(offsetBytes, buffer, () => {
+          this.dirty.clearRange(offsetBytes, lengthBytes);
+          zero = buffer.equals(ZERO_CHUNK.subarray(0, lengthBytes));
+          sent = link.write(offsetBytes, zero ? undefined : buffer, lengthBytes, false);
+        });
+      } catch (error) {
+        this.pool.release(buffer);
+        this.dirty.setRange(offsetBytes, lengthBytes);
+        this.logger.error({ err: error, offsetBytes, lengthBytes }, 'reading the source for the copy failed');
+        link.close('reading the source volume failed');
+        break;
+      }
+      assert(sent !== undefined);
+      inFlight++;
+      if (zero) this.sent.zeroBytes += lengthBytes;
+      else this.sent.copyBytes += lengthBytes;
+      void sent.then((result) => {
+        inFlight--;
+        this.pool.release(buffer);
+        if (result === 'ok') {
+          this.unflushed.setRange(offsetBytes, lengthBytes);
+          this.pass.copiedBytes += lengthBytes;
+        } else {
+          this.dirty.setRange(offsetBytes, lengthBytes);
+          if (result === 'failed') this.targetFailed();
+        }
+        progress.notify();
+      });
+      cursor = offsetBytes + lengthBytes;
+    }
+    // Wait for chunks still in flight: they settle 'lost' at once when the link closed.
+    while (inFlight > 0) await progress.wait(100);
+  }
+
+  /** INSYNC: nothing to copy; flush the target now and then, and return when the link drops or
+   *  a write left a region dirty (it is copied by the next resync pass). */
+  private async watchInSync(link: SourceLink): Promise<void> {
+    while (link.isOpen && !this.stopping && this.machine.state === 'INSYNC') {
+      if (this.dirty.count() > 0) {
+        await this.resync(link);
+        continue;
+      }
+      if (this.unflushed.count() > 0 && performance.now() - this.lastTargetFlushMs >= TARGET_FLUSH_INTERVAL_MS) {
+        await this.flushTarget(link);
+        continue;
+      }
+      await this.wakeup.wait(TARGET_FLUSH_INTERVAL_MS);
+    }
+  }
+
+  // --- records -------------------------------------------------------------------------------
+
+  private refuseUnlessAllowed(command: 'suspend' | 'resume' | 'reset'): void {
+    if (command === 'resume' && this.record.suspended && this.machine.state !== 'ERROR') return;
+    const refusal = this.machine.commandAllowed(command);
+    if (refusal !== undefined) throw new MirrorError(refusal.code, refusal.message);
+  }
+
+  private update(change: Partial<MirrorRecord>): void {
+    const next = { ...this.record, ...change };
+    this.options.persist(next);
+    this.record = next;
+  }
+
+  /** For changes made from a transition listener: a failed write is logged, not thrown. */
+  private tryUpdate(change: Partial<MirrorRecord>): void {
+    try {
+      this.update(change);
+    } catch (error) {
+      this.logger.error({ err: error }, 'persisting the mirror record failed');
+    }
+  }
+}
+
+export function newGeneration(): number {
+  // 48 random bits: a safe integer, and collisions between resets of one mirror are negligible.
+  return Math.floor(Math.random() * 2 ** 48) + 1;
+}

@@ -1,0 +1,304 @@
+// The source side of one replication connection: TCP connect, mutual authentication, Hello,
+// then writes and flushes matched to their acknowledgements by sequence number. A link never
+// reconnects: when it closes, every pending operation resolves 'lost' and the mirror decides
+// what to do (mark the regions dirty, crack to OUTOFSYNC, retry later).
+import net from 'node:net';
+import type { Logger } from 'pino';
+import { authenticate, FrameChannel, PROTOCOL_VERSION, wireMessage, type ErrorCodeName, type Hello, type HelloReply, WriteFlag } from '../wire/index';
+import type { MirrorErrorCode } from './mirror-state';
+
+export type SendResult = 'ok' | 'lost' | 'failed';
+
+/** Why a link could not be set up: transient ones are retried with backoff, severe ones put the
+ *  mirror in ERROR until the admin acts. */
+export class LinkSetupError extends Error {
+  constructor(
+    readonly severity: 'transient' | 'severe',
+    /** errno name or BM_ERR_* for transient failures; a MirrorErrorCode for severe ones. */
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'LinkSetupError';
+  }
+}
+
+/** HelloReply refusals that need the admin, mapped to the mirror's error codes. */
+const SEVERE_REFUSALS: Partial<Record<ErrorCodeName, MirrorErrorCode>> = {
+  ERROR_CODE_UNKNOWN_VOLUME: 'BM_ERR_TARGET_NOT_FOUND',
+  ERROR_CODE_NOT_A_MIRROR: 'BM_ERR_TARGET_NOT_MIRROR',
+  ERROR_CODE_TARGET_TOO_SMALL: 'BM_ERR_TARGET_TOO_SMALL',
+  ERROR_CODE_SECTOR_SIZE_MISMATCH: 'BM_ERR_SECTOR_MISMATCH',
+  ERROR_CODE_TARGET_BUSY: 'BM_ERR_TARGET_BOUND',
+  ERROR_CODE_VOLUME_MISMATCH: 'BM_ERR_IDENTITY_MISMATCH',
+  ERROR_CODE_UNSUPPORTED_VERSION: 'BM_ERR_PROTOCOL_VERSION',
+  ERROR_CODE_AUTH_FAILED: 'BM_ERR_AUTH_FAILED',
+  ERROR_CODE_UNKNOWN_PEER: 'BM_ERR_AUTH_UNKNOWN_PEER',
+};
+
+export interface SourceLinkOptions {
+  host: string;
+  port: number;
+  nodeName: string;
+  peerName: string;
+  secret: Buffer;
+  hello: Omit<Hello, 'protocolVersion' | 'nodeName'>;
+  connectTimeoutMs: number;
+  /** A write or flush unanswered this long means the target or the path is stuck: the link is
+   *  closed and its pending operations count as lost. */
+  ackTimeoutMs: number;
+  logger: Logger;
+  /** Aborting gives up the set-up at once (the daemon is stopping). */
+  signal?: AbortSignal;
+}
+
+interface Pending {
+  bytes: number;
+  sentMs: number;
+  resolve: (result: SendResult) => void;
+}
+
+export class SourceLink {
+  readonly reply: HelloReply;
+  readonly capabilities: number;
+  private readonly channel: FrameChannel;
+  private readonly socket: net.Socket;
+  private readonly logger: Logger;
+  private readonly ackTimeoutMs: number;
+  private readonly pending = new Map<number, Pending>();
+  private nextSequence = 1;
+  private pendingBytes = 0;
+  private closeReason: string | null = null;
+  private readonly closeListeners: Array<(reason: string) => void> = [];
+  private readonly ackTimer: NodeJS.Timeout;
+  /** Status of the last refused write or flush, for the mirror's error reason. */
+  lastTargetStatus: string | null = null;
+
+  private constructor(socket: net.Socket, channel: FrameChannel, reply: HelloReply, options: SourceLinkOptions) {
+    this.socket = socket;
+    this.channel = channel;
+    this.reply = reply;
+    this.capabilities = reply.capabilities;
+    this.logger = options.logger;
+    this.ackTimeoutMs = options.ackTimeoutMs;
+    socket.on('close', () => this.close('connection closed'));
+    this.ackTimer = setInterval(() => this.checkAckTimeout(), Math.min(1000, Math.max(50, this.ackTimeoutMs / 4)));
+    this.ackTimer.unref();
+    void this.receiveLoop();
+  }
+
+  /** Connects, authenticates and says Hello. Rejects with LinkSetupError. */
+  static async open(options: SourceLinkOptions): Promise<SourceLink> {
+    const socket = await connect(options.host, options.port, options.connectTimeoutMs, options.signal);
+    const abandon = (): void => {
+      socket.destroy();
+    };
+    options.signal?.addEventListener('abort', abandon, { once: true });
+    try {
+      return await SourceLink.setUp(socket, options);
+    } finally {
+      options.signal?.removeEventListener('abort', abandon);
+    }
+  }
+
+  private static async setUp(socket: net.Socket, options: SourceLinkOptions): Promise<SourceLink> {
+    const channel = new FrameChannel(socket, { queuedFramesMax: 1024, queuedBytesMax: 1024 * 1024 });
+    try {
+      await authenticate(channel, {
+        role: 'initiator',
+        nodeName: options.nodeName,
+        expectedPeerName: options.peerName,
+        secretForPeer: (name) => (name === options.peerName ? options.secret : undefined),
+        timeoutMs: options.connectTimeoutMs,
+      });
+    } catch (error) {
+      socket.destroy();
+      const code = (error as { code?: string }).code ?? 'BM_ERR_AUTH_FAILED';
+      if (code === 'BM_ERR_AUTH_FAILED' || code === 'BM_ERR_AUTH_UNKNOWN_PEER') {
+        throw new LinkSetupError('severe', code, `authentication with peer ${options.peerName} failed: ${(error as Error).message}`);
+      }
+      throw new LinkSetupError('transient', code, `authentication with peer ${options.peerName} did not complete: ${(error as Error).message}`);
+    }
+    try {
+      channel.send(wireMessage('hello', { protocolVersion: PROTOCOL_VERSION, nodeName: options.nodeName, ...options.hello }));
+      const timeout = AbortSignal.timeout(options.connectTimeoutMs);
+      const frame = await channel.receive(timeout);
+      const message = frame.message;
+      if (message.kind === 'error') throw refusal(message.body.code, message.body.message);
+      if (message.kind !== 'helloReply') throw new LinkSetupError('transient', 'BM_ERR_PROTOCOL', `expected helloReply, got ${message.kind}`);
+      const reply = message.body;
+      if (!reply.accepted) throw refusal(reply.error?.code ?? 'ERROR_CODE_UNSPECIFIED', reply.error?.message ?? 'no reason given');
+      checkReply(reply, options.hello);
+      return new SourceLink(socket, channel, reply, options);
+    } catch (error) {
+      socket.destroy();
+      if (error instanceof LinkSetupError) throw error;
+      const code = (error as { code?: string }).code ?? 'BM_ERR_PROTOCOL';
+      throw new LinkSetupError('transient', code, `hello with peer ${options.peerName} failed: ${(error as Error).message}`);
+    }
+  }
+
+  get isOpen(): boolean {
+    return this.closeReason === null;
+  }
+
+  get inFlightBytes(): number {
+    return this.pendingBytes;
+  }
+
+  get inFlightCount(): number {
+    return this.pending.size;
+  }
+
+  /** Sends a write (payload undefined: zeroes over lengthBytes). Resolves with its outcome. */
+  write(offsetBytes: number, payload: Buffer | undefined, lengthBytes: number, fua: boolean): Promise<SendResult> {
+    if (this.closeReason !== null) return Promise.resolve('lost');
+    const sequence = this.nextSequence++;
+    const flags = (fua ? WriteFlag.FUA : 0) | (payload === undefined ? WriteFlag.ZEROES : 0);
+    const bytes = payload === undefined ? 0 : lengthBytes;
+    return this.track(sequence, bytes, () =>
+      this.channel.send(wireMessage('write', { sequence, offsetBytes, lengthBytes, flags }), payload),
+    );
+  }
+
+  /** Everything acknowledged before is durable on the target once this resolves 'ok'. */
+  flush(): Promise<SendResult> {
+    if (this.closeReason !== null) return Promise.resolve('lost');
+    const sequence = this.nextSequence++;
+    return this.track(sequence, 0, () => this.channel.send(wireMessage('flush', { sequence })));
+  }
+
+  /** Resolves when the socket's send buffer has room again (or the link closed). */
+  whenWritable(): Promise<void> {
+    if (this.closeReason !== null || !this.socket.writableNeedDrain) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = (): void => {
+        this.socket.off('drain', done);
+        this.socket.off('close', done);
+        resolve();
+      };
+      this.socket.on('drain', done);
+      this.socket.on('close', done);
+    });
+  }
+
+  /** Called once with the reason when the link closes (at once if it already has). */
+  onClose(listener: (reason: string) => void): void {
+    if (this.closeReason !== null) listener(this.closeReason);
+    else this.closeListeners.push(listener);
+  }
+
+  close(reason: string): void {
+    if (this.closeReason !== null) return;
+    this.closeReason = reason;
+    clearInterval(this.ackTimer);
+    this.socket.destroy();
+    const pending = [...this.pending.values()];
+    this.pending.clear();
+    this.pendingBytes = 0;
+    for (const entry of pending) entry.resolve('lost');
+    for (const listener of this.closeListeners.splice(0)) listener(reason);
+  }
+
+  private track(sequence: number, bytes: number, send: () => void): Promise<SendResult> {
+    return new Promise<SendResult>((resolve) => {
+      this.pending.set(sequence, { bytes, sentMs: performance.now(), resolve });
+      this.pendingBytes += bytes;
+      try {
+        send();
+      } catch (error) {
+        this.close(`send failed: ${(error as Error).message}`);
+      }
+    });
+  }
+
+  private settle(sequence: number, status: string): void {
+    const entry = this.pending.get(sequence);
+    if (entry === undefined) {
+      this.close(`protocol error: acknowledgement for unknown sequence ${sequence}`);
+      return;
+    }
+    this.pending.delete(sequence);
+    this.pendingBytes -= entry.bytes;
+    if (status === 'STATUS_OK') {
+      entry.resolve('ok');
+    } else {
+      this.lastTargetStatus = status;
+      entry.resolve('failed');
+    }
+  }
+
+  private async receiveLoop(): Promise<void> {
+    try {
+      for (;;) {
+        const { message } = await this.channel.receive();
+        if (message.kind === 'writeAck' || message.kind === 'flushAck') {
+          this.settle(message.body.sequence, message.body.status);
+        } else if (message.kind === 'error') {
+          this.close(`target reported ${message.body.code}: ${message.body.message}`);
+        } else {
+          this.close(`protocol error: unexpected ${message.kind} from the target`);
+        }
+        if (this.closeReason !== null) return;
+      }
+    } catch (error) {
+      this.close((error as Error).message);
+    }
+  }
+
+  private checkAckTimeout(): void {
+    const oldest = this.pending.values().next();
+    if (oldest.done === true) return;
+    const waitedMs = performance.now() - oldest.value.sentMs;
+    if (waitedMs > this.ackTimeoutMs) {
+      this.logger.warn({ waitedMs: Math.round(waitedMs), pending: this.pending.size }, 'target did not acknowledge in time; closing the link');
+      this.close(`no acknowledgement from the target in ${this.ackTimeoutMs} ms`);
+    }
+  }
+}
+
+function refusal(code: ErrorCodeName, message: string): LinkSetupError {
+  const severe = SEVERE_REFUSALS[code];
+  if (severe !== undefined) return new LinkSetupError('severe', severe, `target refused: ${message}`);
+  return new LinkSetupError('transient', code, `target refused: ${message}`);
+}
+
+/** The target checked these; a source does not trust that it did. */
+function checkReply(reply: HelloReply, hello: SourceLinkOptions['hello']): void {
+  if (reply.protocolVersion !== PROTOCOL_VERSION) {
+    throw new LinkSetupError('severe', 'BM_ERR_PROTOCOL_VERSION', `target speaks protocol ${reply.protocolVersion}, this daemon ${PROTOCOL_VERSION}`);
+  }
+  if (reply.sizeBytes < hello.sizeBytes) {
+    throw new LinkSetupError('severe', 'BM_ERR_TARGET_TOO_SMALL', `target volume has ${reply.sizeBytes} bytes, the source ${hello.sizeBytes}`);
+  }
+  if (reply.logicalSectorBytes !== hello.logicalSectorBytes) {
+    throw new LinkSetupError('severe', 'BM_ERR_SECTOR_MISMATCH', `target sector is ${reply.logicalSectorBytes} bytes, the source's ${hello.logicalSectorBytes}`);
+  }
+}
+
+function connect(host: string, port: number, timeoutMs: number, signal: AbortSignal | undefined): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted === true) {
+      reject(new LinkSetupError('transient', 'BM_ERR_SHUTTING_DOWN', 'the mirror is stopping'));
+      return;
+    }
+    const socket = net.connect({ host, port, noDelay: true, signal });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new LinkSetupError('transient', 'ETIMEDOUT', `connecting to ${host}:${port} timed out after ${timeoutMs} ms`));
+    }, timeoutMs);
+    socket.once('connect', () => {
+      clearTimeout(timer);
+      socket.off('error', onError);
+      socket.setKeepAlive(true, 10_000);
+      // Errors after this are reported through 'close'.
+      socket.on('error', () => undefined);
+      resolve(socket);
+    });
+    const onError = (error: NodeJS.ErrnoException): void => {
+      clearTimeout(timer);
+      reject(new LinkSetupError('transient', error.code ?? 'ECONNREFUSED', `cannot connect to ${host}:${port}: ${error.message}`));
+    };
+    socket.once('error', onError);
+  });
+}

@@ -1,0 +1,363 @@
+// The target side of replication: the --listen port. Each connection must authenticate as a
+// known peer, then name (Hello) a mirror volume it may write; after that its writes go to their
+// home locations on that volume, in order where they overlap, and are acknowledged once on the
+// device (FUA and Flush: once durable). Anything malformed or out of range drops the connection
+// with a logged reason before it touches the device.
+import net from 'node:net';
+import type { Logger } from 'pino';
+import { BufferPool } from '../native/index';
+import type { ReplicaTarget } from '../volume/replica';
+import {
+  authenticate,
+  FrameChannel,
+  PROTOCOL_VERSION,
+  wireMessage,
+  WriteFlag,
+  type ErrorCodeName,
+  type Hello,
+  type StatusName,
+  type Write,
+} from '../wire/index';
+import type { MirrorSourceBinding } from '../daemon/registry';
+import { OverlapOrder } from './overlap-order';
+
+/** Connections at once (authenticated or not). */
+export const replicationConnectionsMax = 64;
+/** Per session: operations and payload bytes applied at once; above them reading pauses, so a
+ *  fast source is slowed by TCP instead of growing our memory. */
+const SESSION_OPS_MAX = 256;
+const SESSION_BYTES_MAX = 64 * 1024 * 1024;
+const HELLO_TIMEOUT_MS = 10_000;
+
+export interface TargetLookup {
+  record: { name: string; role: string; mirrorSource?: MirrorSourceBinding };
+  volume: (ReplicaTarget & { failure(): { code: string; message: string } | undefined }) | null;
+}
+
+export interface ReplicationServerOptions {
+  nodeName: string;
+  /** The peer's shared secret, or undefined for an unknown peer. */
+  secretForPeer: (peerName: string) => Buffer | undefined;
+  lookupVolume: (name: string) => TargetLookup | undefined;
+  bindSource: (volumeName: string, binding: MirrorSourceBinding) => Promise<void>;
+  logger: Logger;
+}
+
+class Refusal extends Error {
+  constructor(readonly code: ErrorCodeName, message: string) {
+    super(message);
+  }
+}
+
+export class ReplicationServer {
+  private readonly options: ReplicationServerOptions;
+  private readonly logger: Logger;
+  private readonly server: net.Server;
+  private readonly sockets = new Set<net.Socket>();
+  /** Live session per target volume name. */
+  private readonly sessions = new Map<string, TargetSession>();
+  private readonly pool = new BufferPool({ maxPooledBytes: SESSION_BYTES_MAX, alignBytes: 4096 });
+  private closing = false;
+
+  constructor(options: ReplicationServerOptions) {
+    this.options = options;
+    this.logger = options.logger;
+    this.server = net.createServer({ noDelay: true }, (socket) => {
+      void this.accept(socket);
+    });
+    this.server.maxConnections = replicationConnectionsMax;
+  }
+
+  /** Resolves with the bound port. */
+  listen(host: string, port: number): Promise<number> {
+    return new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(port, host, () => {
+        this.server.off('error', reject);
+        this.server.on('error', (error) => this.logger.error({ err: error }, 'replication listener error'));
+        resolve((this.server.address() as net.AddressInfo).port);
+      });
+    });
+  }
+
+  get sessionCount(): number {
+    return this.sessions.size;
+  }
+
+  /** Stops accepting and closes every connection; writes being applied finish first. */
+  async close(): Promise<void> {
+    this.closing = true;
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await Promise.all([...this.sessions.values()].map((session) => session.close('the daemon is stopping')));
+    for (const socket of this.sockets) socket.destroy();
+    await closed;
+  }
+
+  private async accept(socket: net.Socket): Promise<void> {
+    const remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`;
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    this.sockets.add(socket);
+    socket.once('close', () => this.sockets.delete(socket));
+    socket.on('error', (error) => this.logger.debug({ remote, err: error }, 'replication connection error'));
+    socket.setKeepAlive(true, 10_000);
+    const pooled = new WeakSet<Buffer>();
+    const channel = new FrameChannel(socket, {
+      queuedFramesMax: 64,
+      queuedBytesMax: 32 * 1024 * 1024,
+      allocatePayload: (bytes) => {
+        const buffer = this.pool.acquire(bytes);
+        pooled.add(buffer);
+        return buffer;
+      },
+    });
+    let peerName: string;
+    try {
+      ({ peerName } = await authenticate(channel, { role: 'responder', nodeName: this.options.nodeName, secretForPeer: this.options.secretForPeer }));
+    } catch (error) {
+      this.logger.warn({ remote, peer: (error as { peerName?: string }).peerName, code: (error as { code?: string }).code, reason: (error as Error).message }, 'replication connection refused: authentication failed');
+      socket.destroy();
+      return;
+    }
+    const log = this.logger.child({ remote, peer: peerName });
+    let hello: Hello;
+    let target: TargetLookup['volume'];
+    let knownGenerations: number[];
+    try {
+      const frame = await channel.receive(AbortSignal.timeout(HELLO_TIMEOUT_MS));
+      if (frame.message.kind !== 'hello') throw new Refusal('ERROR_CODE_PROTOCOL', `expected hello, got ${frame.message.kind}`);
+      hello = frame.message.body;
+      ({ volume: target, knownGenerations } = await this.admit(hello, peerName));
+    } catch (error) {
+      const code: ErrorCodeName = error instanceof Refusal ? error.code : 'ERROR_CODE_PROTOCOL';
+      log.warn({ code, reason: (error as Error).message }, 'replication hello refused');
+      if (!socket.destroyed) {
+        channel.send(wireMessage('helloReply', { accepted: false, error: { code, message: (error as Error).message }, protocolVersion: PROTOCOL_VERSION, nodeName: this.options.nodeName, sizeBytes: 0, logicalSectorBytes: 0, generationIds: [], capabilities: 0 }));
+        socket.end();
+        socket.destroySoon();
+      }
+      return;
+    }
+    if (target === null || this.closing) {
+      socket.destroy();
+      return;
+    }
+    const info = target.info();
+    const session = new TargetSession(channel, target, hello, log, (buffer) => {
+      if (pooled.has(buffer)) {
+        pooled.delete(buffer);
+        this.pool.release(buffer);
+      }
+    });
+    this.sessions.set(hello.targetVolumeName, session);
+    channel.send(
+      wireMessage('helloReply', {
+        accepted: true,
+        protocolVersion: PROTOCOL_VERSION,
+        nodeName: this.options.nodeName,
+        sizeBytes: info.sizeBytes,
+        logicalSectorBytes: info.logicalSectorBytes,
+        generationIds: knownGenerations,
+        capabilities: 0,
+      }),
+    );
+    log.info({ volume: hello.targetVolumeName, source: hello.volumeName, sourceUuid: hello.volumeUuid, resumed: knownGenerations.length > 0 }, 'replication session started');
+    const reason = await session.run();
+    if (this.sessions.get(hello.targetVolumeName) === session) this.sessions.delete(hello.targetVolumeName);
+    log.info({ volume: hello.targetVolumeName, reason, applied: session.appliedWrites }, 'replication session ended');
+  }
+
+  /** MAKEPARTS on the target side: the checks of docs/PROTOCOL.md, then the binding. */
+  private async admit(hello: Hello, peerName: string): Promise<{ volume: TargetLookup['volume']; knownGenerations: number[] }> {
+    if (hello.protocolVersion !== PROTOCOL_VERSION) {
+      throw new Refusal('ERROR_CODE_UNSUPPORTED_VERSION', `protocol version ${hello.protocolVersion} is not supported (this daemon speaks ${PROTOCOL_VERSION})`);
+    }
+    const found = this.options.lookupVolume(hello.targetVolumeName);
+    if (found === undefined) throw new Refusal('ERROR_CODE_UNKNOWN_VOLUME', `no volume ${JSON.stringify(hello.targetVolumeName)} on ${this.options.nodeName}`);
+    const { record, volume } = found;
+    if (record.role !== 'mirror') throw new Refusal('ERROR_CODE_NOT_A_MIRROR', `volume ${record.name} was not added with --mirror`);
+    if (volume === null || volume.failure() !== undefined) throw new Refusal('ERROR_CODE_IO', `volume ${record.name} is not online`);
+    const info = volume.info();
+    if (info.sizeBytes < hello.sizeBytes) {
+      throw new Refusal('ERROR_CODE_TARGET_TOO_SMALL', `volume ${record.name} has ${info.sizeBytes} bytes; the source ${hello.volumeName} has ${hello.sizeBytes}`);
+    }
+    if (info.logicalSectorBytes !== hello.logicalSectorBytes) {
+      throw new Refusal('ERROR_CODE_SECTOR_SIZE_MISMATCH', `volume ${record.name} has ${info.logicalSectorBytes}-byte sectors; the source ${hello.logicalSectorBytes}`);
+    }
+    const generation = hello.generationIds[0];
+    if (generation === undefined || generation <= 0) throw new Refusal('ERROR_CODE_PROTOCOL', 'hello carries no generation');
+    const bound = record.mirrorSource;
+    if (bound !== undefined && (bound.peer !== peerName || bound.volumeUuid !== hello.volumeUuid)) {
+      throw new Refusal('ERROR_CODE_TARGET_BUSY', `volume ${record.name} mirrors ${bound.volumeName} (${bound.volumeUuid}) from ${bound.peer}; remove and add it again to change its source`);
+    }
+    const existing = this.sessions.get(record.name);
+    if (existing !== undefined) {
+      // The same source reconnecting (its old connection may not have noticed the drop yet):
+      // the old session's writes must all land before the new one applies anything.
+      await existing.close('replaced by a new connection from the same source');
+      if (this.sessions.get(record.name) === existing) this.sessions.delete(record.name);
+    }
+    if (this.sessions.has(record.name)) throw new Refusal('ERROR_CODE_TARGET_BUSY', `volume ${record.name} is being written by another connection`);
+    const knows = bound !== undefined && bound.generation === generation;
+    if (!knows) {
+      await this.options.bindSource(record.name, { peer: peerName, volumeUuid: hello.volumeUuid, volumeName: hello.volumeName, generation, boundAt: new Date().toISOString() });
+    }
+    return { volume, knownGenerations: knows ? [generation] : [] };
+  }
+}
+
+const STATUS_FOR_ERRNO: Record<string, StatusName> = {
+  EINVAL: 'STATUS_INVALID',
+  ENOSPC: 'STATUS_NO_SPACE',
+  EPERM: 'STATUS_READ_ONLY',
+  EROFS: 'STATUS_READ_ONLY',
+};
+
+/** One authenticated source writing one mirror volume. */
+class TargetSession {
+  appliedWrites = 0;
+  private readonly order = new OverlapOrder(SESSION_OPS_MAX);
+  private inFlightBytes = 0;
+  private lastSequence = 0;
+  private ended: string | null = null;
+  private readonly settledOne: Array<() => void> = [];
+  private running: Promise<string> | null = null;
+
+  constructor(
+    private readonly channel: FrameChannel,
+    private readonly volume: ReplicaTarget,
+    private readonly hello: Hello,
+    private readonly logger: Logger,
+    private readonly releasePayload: (buffer: Buffer) => void,
+  ) {}
+
+  run(): Promise<string> {
+    this.running ??= this.loop();
+    return this.running;
+  }
+
+  /** Ends the session: stops reading, lets applied writes finish. */
+  async close(reason: string): Promise<void> {
+    this.end(reason);
+    await this.running;
+  }
+
+  private end(reason: string): void {
+    if (this.ended !== null) return;
+    this.ended = reason;
+    this.channel.stream.destroy();
+  }
+
+  private async loop(): Promise<string> {
+    try {
+      while (this.ended === null) {
+        while (this.order.size >= SESSION_OPS_MAX - 1 || this.inFlightBytes >= SESSION_BYTES_MAX) {
+          await new Promise<void>((resolve) => this.settledOne.push(resolve));
+        }
+        const { message, payload } = await this.channel.receive();
+        if (message.kind !== 'error' && 'sequence' in message.body) this.checkSequence(message.body.sequence);
+        if (message.kind === 'write') {
+          this.applyWrite(message.body, payload);
+        } else if (message.kind === 'flush' || message.kind === 'barrier') {
+          this.applyFlush(message.body.sequence, message.kind === 'flush');
+        } else if (message.kind === 'error') {
+          this.protocolEnd(`source reported ${message.body.code}: ${message.body.message}`, false);
+        } else {
+          this.protocolEnd(`unexpected ${message.kind} in a replication session`, true);
+        }
+      }
+    } catch (error) {
+      const code = (error as { code?: string }).code;
+      if (this.ended === null) {
+        const closed = code === 'BM_ERR_WIRE_CLOSED';
+        const what = code === 'BM_ERR_REPLICATION_PROTOCOL' ? 'protocol violation' : 'malformed frame';
+        this.protocolEnd(closed ? 'connection closed by the source' : `${what} (${code ?? 'error'}): ${(error as Error).message}`, !closed);
+      }
+    }
+    await this.order.drain();
+    return this.ended ?? 'ended';
+  }
+
+  private checkSequence(sequence: number): void {
+    if (sequence <= this.lastSequence) throw new SessionProtocolError(`sequence ${sequence} does not follow ${this.lastSequence}`);
+    this.lastSequence = sequence;
+  }
+
+  private applyWrite(write: Write, payload: Buffer | undefined): void {
+    const { sequence, offsetBytes, lengthBytes, flags } = write;
+    const zeroes = (flags & WriteFlag.ZEROES) !== 0;
+    const fua = (flags & WriteFlag.FUA) !== 0;
+    const invalid =
+      (flags & ~(WriteFlag.ZEROES | WriteFlag.FUA)) !== 0
+        ? `unknown write flags ${flags}`
+        : lengthBytes <= 0
+          ? 'empty write'
+          : offsetBytes + lengthBytes > this.hello.sizeBytes
+            ? `write of ${lengthBytes} bytes at ${offsetBytes} is past the end of the ${this.hello.sizeBytes}-byte volume`
+            : null;
+    if (invalid !== null) {
+      if (payload !== undefined) this.releasePayload(payload);
+      throw new SessionProtocolError(invalid);
+    }
+    const bytes = payload?.length ?? 0;
+    this.inFlightBytes += bytes;
+    const applied = this.order.run(offsetBytes, lengthBytes, () =>
+      zeroes || payload === undefined ? this.volume.mirrorWriteZeroes(offsetBytes, lengthBytes, fua) : this.volume.mirrorWrite(offsetBytes, payload, fua),
+    );
+    applied.then(
+      () => {
+        this.appliedWrites++;
+        this.answer('writeAck', sequence, 'STATUS_OK');
+      },
+      (error: unknown) => {
+        this.logger.error({ err: error, offsetBytes, lengthBytes }, 'applying a replicated write failed');
+        this.answer('writeAck', sequence, statusFor(error));
+      },
+    ).finally(() => {
+      this.inFlightBytes -= bytes;
+      if (payload !== undefined) this.releasePayload(payload);
+      for (const wake of this.settledOne.splice(0)) wake();
+    });
+  }
+
+  /** Flush: durable once every write received before it has landed. Barrier: landed only. */
+  private applyFlush(sequence: number, durable: boolean): void {
+    void this.order
+      .drain()
+      .then(() => (durable ? this.volume.flush() : undefined))
+      .then(
+        () => this.answer('flushAck', sequence, 'STATUS_OK'),
+        (error: unknown) => {
+          this.logger.error({ err: error }, 'flushing the mirror volume failed');
+          this.answer('flushAck', sequence, statusFor(error));
+        },
+      );
+  }
+
+  private answer(kind: 'writeAck' | 'flushAck', sequence: number, status: StatusName): void {
+    if (this.channel.stream.destroyed) return;
+    this.channel.send(wireMessage(kind, { sequence, status }));
+  }
+
+  private protocolEnd(reason: string, tellSource: boolean): void {
+    if (tellSource && !this.channel.stream.destroyed) {
+      this.channel.send(wireMessage('error', { code: 'ERROR_CODE_PROTOCOL', message: reason }));
+    }
+    if (tellSource) this.logger.warn({ reason }, 'replication connection dropped');
+    this.ended = reason;
+    // end() flushes the error frame first; nothing more is read either way.
+    this.channel.stream.end();
+    setTimeout(() => this.channel.stream.destroy(), 1000).unref();
+  }
+}
+
+class SessionProtocolError extends Error {
+  readonly code = 'BM_ERR_REPLICATION_PROTOCOL';
+}
+
+function statusFor(error: unknown): StatusName {
+  const code = (error as { code?: string }).code ?? '';
+  return STATUS_FOR_ERRNO[code] ?? 'STATUS_IO_ERROR';
+}

@@ -1,0 +1,40 @@
+// What a volume hands its mirrors. src/replication/mirror.ts implements it; the volume calls it
+// for every client write, zeroing and flush, so no write can bypass replication.
+//
+// Ordering contract: the volume calls replicateWrite/replicateZeroes while it holds the
+// operation's sector span exclusively, after starting the local I/O and before any later
+// overlapping write may start. Whatever the replica sends synchronously in that call is
+// therefore ordered, against every overlapping write and every readForCopy, the same way as on
+// the local device.
+import type { BlockBackendInfo } from './backend';
+
+export interface VolumeReplica {
+  /** Resolves when a new client write may start. A strict (on-disconnect block) mirror holds
+   *  writes here while it is unprotected; others resolve at once. */
+  admit(): Promise<void> | void;
+  /** `local` settles when the local write finished. The result settles when the replica is
+   *  done with the write: acknowledged by the target, or recorded as dirty for a later resync.
+   *  It rejects only when the client must see an error (a strict mirror shutting down). */
+  replicateWrite(offsetBytes: number, data: Buffer, fua: boolean, local: Promise<void>): Promise<void>;
+  replicateZeroes(offsetBytes: number, lengthBytes: number, fua: boolean, local: Promise<void>): Promise<void>;
+  /** Everything the replica acknowledged before is durable on the target (or the target is
+   *  unreachable and the affected regions are recorded dirty). */
+  replicateFlush(): Promise<void>;
+}
+
+/** What a mirror needs of its source volume (src/volume/volume.ts's Volume). */
+export interface ReplicaSource {
+  readonly spec: { readonly name: string; readonly uuid: string };
+  info(): BlockBackendInfo;
+  attachReplica(replica: VolumeReplica): void;
+  detachReplica(replica: VolumeReplica): void;
+  readForCopy(offsetBytes: number, buffer: Buffer, onRead: () => void): Promise<void>;
+}
+
+/** What the mirror service needs of a target (mirror) volume. */
+export interface ReplicaTarget {
+  info(): BlockBackendInfo;
+  mirrorWrite(offsetBytes: number, data: Buffer, fua: boolean): Promise<void>;
+  mirrorWriteZeroes(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void>;
+  flush(): Promise<void>;
+}
