@@ -30,6 +30,8 @@ const CHUNKS_IN_FLIGHT_MAX = 8;
  *  crack resends little more than what was really missed. */
 const TARGET_FLUSH_INTERVAL_MS = 1000;
 const ZERO_CHUNK = Buffer.alloc(CHUNK_BYTES_MAX);
+/** How long a stopping mirror waits for its last target flush. */
+const STOP_FLUSH_MS_MAX = 2000;
 
 export interface PeerEndpoint {
   host: string;
@@ -172,6 +174,12 @@ export class Mirror implements VolumeReplica {
   async stop(reason: string): Promise<DirtyBitmap> {
     this.stopping = true;
     this.releaseHeld(new MirrorError('ESHUTDOWN', `mirror of ${this.record.volume} is stopping`));
+    // A last flush lets the saved bitmap leave out what the target already holds durably;
+    // bounded, because a stuck target must not hold up the shutdown.
+    const link = this.liveLink();
+    if (link !== null && this.unflushed.count() > 0) {
+      await Promise.race([this.flushTarget(link), new Promise((resolve) => setTimeout(resolve, STOP_FLUSH_MS_MAX).unref())]);
+    }
     this.abort.abort();
     this.link?.close(reason);
     this.wakeup.notify();
@@ -578,6 +586,11 @@ export class Mirror implements VolumeReplica {
         progress.notify();
       });
       cursor = offsetBytes + lengthBytes;
+      // Flush now and then during a long copy too: what is flushed is not resent after a crack
+      // or a restart. Not awaited: the flush covers what was acknowledged before it was sent.
+      if (performance.now() - this.lastTargetFlushMs >= TARGET_FLUSH_INTERVAL_MS && this.unflushed.count() > 0) {
+        void this.flushTarget(link);
+      }
     }
     // Wait for chunks still in flight: they settle 'lost' at once when the link closed.
     while (inFlight > 0) await progress.wait(100);

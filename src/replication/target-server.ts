@@ -118,7 +118,10 @@ export class ReplicationServer {
       ({ peerName } = await authenticate(channel, { role: 'responder', nodeName: this.options.nodeName, secretForPeer: this.options.secretForPeer }));
     } catch (error) {
       this.logger.warn({ remote, peer: (error as { peerName?: string }).peerName, code: (error as { code?: string }).code, reason: (error as Error).message }, 'replication connection refused: authentication failed');
-      socket.destroy();
+      // end(), not destroy(): the Error frame authenticate() queued must reach the peer, so it
+      // knows the refusal is severe. A peer that does not close is cut off shortly after.
+      socket.end();
+      setTimeout(() => socket.destroy(), 1000).unref();
       return;
     }
     const log = this.logger.child({ remote, peer: peerName });

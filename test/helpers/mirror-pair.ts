@@ -1,0 +1,147 @@
+// Two real daemons replicating: a source (hostA) and a target (hostB, --listen on 127.0.0.1),
+// each on its own scratch device, optionally with the TCP fault proxy between them. Everything
+// is torn down with the test (daemons by pid, loop devices, files).
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { daemonPaths, runTool, startDaemon, type DaemonPaths, type RunningDaemon } from './daemon';
+import { scratchDevice, scratchDir, type ScratchDevice } from './loop';
+import { startTcpProxy, type TcpProxy } from './tcp-proxy';
+
+interface TestLike {
+  teardown(fn: () => void | Promise<void>): void;
+}
+
+/** Short timings so tests see cracks, retries and recoveries in well under a second. */
+export const testReplicationTiming = { connectTimeoutMs: 2000, ackTimeoutMs: 3000, backoffBaseMs: 50, backoffMaxMs: 400 };
+
+export interface MirrorPairOptions {
+  sizeBytes: number;
+  targetSizeBytes?: number;
+  /** Random bytes written at the start of the source device before it is added. */
+  fillBytes?: number;
+  proxy?: boolean;
+  /** Source uses a different secret than the target expects. */
+  wrongSecret?: boolean;
+}
+
+export interface MirrorPair {
+  source: RunningDaemon;
+  target: RunningDaemon;
+  sourceDevice: ScratchDevice;
+  targetDevice: ScratchDevice;
+  proxy: TcpProxy | undefined;
+  targetPort: number;
+  sourceUri: string;
+  targetUri: string;
+  restartTarget(): Promise<void>;
+  restartSource(): Promise<void>;
+  addMirror(options?: { onDisconnect?: 'continue' | 'block'; maxRateBytesPerSec?: number }): Promise<MirrorStatus>;
+  status(): Promise<MirrorStatus>;
+  waitFor(predicate: (status: MirrorStatus) => boolean, what: string, timeoutMs?: number): Promise<MirrorStatus>;
+}
+
+/** The JSON `mirror status` gives for one mirror (the fields tests use). */
+export interface MirrorStatus {
+  state: string;
+  dirtyBytes: number;
+  progressPercent: number;
+  linkUp: boolean;
+  fullCopyDone: boolean;
+  error: { code: string; reason: string } | null;
+  cause: { event: string; reason: string; code: string | null };
+  sent: { liveBytes: number; copyBytes: number; zeroBytes: number; liveWrites: number };
+  history: Array<{ from: string; to: string; event: string }>;
+}
+
+function writeConfig(paths: DaemonPaths): void {
+  fs.writeFileSync(path.join(paths.dir, 'config.json'), JSON.stringify({ replication: testReplicationTiming }) + '\n');
+}
+
+export async function startMirrorPair(t: TestLike, options: MirrorPairOptions): Promise<MirrorPair> {
+  const sourceDevice = scratchDevice(t, options.sizeBytes);
+  const targetDevice = scratchDevice(t, options.targetSizeBytes ?? options.sizeBytes);
+  if (options.fillBytes !== undefined) {
+    const fd = fs.openSync(sourceDevice.path, 'r+');
+    try {
+      fs.writeSync(fd, crypto.randomBytes(options.fillBytes), 0, options.fillBytes, 0);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+  const keys = scratchDir(t, 'bm-keys-');
+  const secretFile = path.join(keys, 'shared.key');
+  fs.writeFileSync(secretFile, crypto.randomBytes(32).toString('hex') + '\n', { mode: 0o600 });
+  const sourceSecretFile = options.wrongSecret === true ? path.join(keys, 'wrong.key') : secretFile;
+  if (options.wrongSecret === true) fs.writeFileSync(sourceSecretFile, crypto.randomBytes(32).toString('hex') + '\n', { mode: 0o600 });
+
+  const targetPaths = daemonPaths(t);
+  writeConfig(targetPaths);
+  let target = await startDaemon(t, { paths: targetPaths, args: ['--node-name', 'hostB', '--listen', '127.0.0.1:0'] });
+  const listen = String((await target.request('status')).replicationListen);
+  const targetPort = Number(listen.slice(listen.lastIndexOf(':') + 1));
+  await target.request('peer.add', { name: 'hostA', address: '127.0.0.1:9', secretFile });
+  await target.request('volume.add', { name: 'vol0', device: targetDevice.path, role: 'mirror' });
+
+  const proxy = options.proxy === true ? await startTcpProxy(t, targetPort) : undefined;
+  const sourcePaths = daemonPaths(t);
+  writeConfig(sourcePaths);
+  let source = await startDaemon(t, { paths: sourcePaths, args: ['--node-name', 'hostA'] });
+  await source.request('peer.add', { name: 'hostB', address: `127.0.0.1:${proxy?.port ?? targetPort}`, secretFile: sourceSecretFile });
+  await source.request('volume.add', { name: 'vol0', device: sourceDevice.path });
+
+  const pair: MirrorPair = {
+    get source() {
+      return source;
+    },
+    get target() {
+      return target;
+    },
+    sourceDevice,
+    targetDevice,
+    proxy,
+    targetPort,
+    sourceUri: `nbd+unix:///vol0?socket=${sourcePaths.nbdSocket}`,
+    targetUri: `nbd+unix:///vol0?socket=${targetPaths.nbdSocket}`,
+    async restartTarget() {
+      await target.stop('SIGTERM');
+      target = await startDaemon(t, { paths: targetPaths, args: ['--node-name', 'hostB', '--listen', `127.0.0.1:${targetPort}`] });
+    },
+    async restartSource() {
+      await source.stop('SIGTERM');
+      source = await startDaemon(t, { paths: sourcePaths, args: ['--node-name', 'hostA'] });
+    },
+    async addMirror(mirrorOptions = {}) {
+      return (await source.request('mirror.add', { volume: 'vol0', peer: 'hostB', target: 'vol0', mode: 'sync', ...mirrorOptions })) as MirrorStatus;
+    },
+    async status() {
+      const result = (await source.request('mirror.status', { volume: 'vol0' })) as { mirrors: MirrorStatus[] };
+      return result.mirrors[0] as MirrorStatus;
+    },
+    async waitFor(predicate, what, timeoutMs = 20_000) {
+      const deadline = Date.now() + timeoutMs;
+      let last: MirrorStatus | undefined;
+      while (Date.now() < deadline) {
+        last = await pair.status();
+        if (predicate(last)) return last;
+        await new Promise((resolve) => setTimeout(resolve, 25));
+      }
+      throw new Error(`mirror did not reach ${what} in ${timeoutMs} ms; last status: ${JSON.stringify(last)}`);
+    },
+  };
+  return pair;
+}
+
+/** sha256 of a whole device (or file), read with O_DIRECT so no stale page cache is hashed. */
+export async function deviceSha256(devicePath: string): Promise<string> {
+  const result = await runTool('sh', ['-c', `dd if='${devicePath}' iflag=direct bs=1M status=none | sha256sum`], 60_000);
+  if (result.code !== 0) throw new Error(`hashing ${devicePath} failed: ${result.stderr}`);
+  return result.stdout.split(' ')[0] ?? '';
+}
+
+export async function qemuIo(uri: string, commands: readonly string[]): Promise<{ code: number | null; output: string }> {
+  const args = ['-f', 'raw', ...commands.flatMap((command) => ['-c', command]), uri];
+  const result = await runTool('qemu-io', args, 60_000);
+  return { code: result.code, output: result.stdout + result.stderr };
+}

@@ -1,0 +1,201 @@
+// Replication between two real daemons on scratch devices (loop devices in CI): full copy while
+// the source is written, synchronous mode, cracks and FastResync, restarts, and the failures
+// that must stop in ERROR. The assertion that matters most is the last one of each test: both
+// devices hash equal.
+import { join } from 'node:path';
+import t, { type Test } from 'tap';
+import { haveTool, runTool } from '../helpers/daemon';
+import { scratchDir } from '../helpers/loop';
+import { deviceSha256, qemuIo, startMirrorPair, type MirrorPair } from '../helpers/mirror-pair';
+
+const MiB = 1024 * 1024;
+const skip = haveTool('qemu-io') && haveTool('fio') ? false : 'needs qemu-io and fio';
+
+async function expectEqualDevices(t: Test, pair: MirrorPair): Promise<void> {
+  const [source, target] = await Promise.all([deviceSha256(pair.sourceDevice.path), deviceSha256(pair.targetDevice.path)]);
+  t.equal(target, source, 'source and target devices hash equal (sha256 of the whole device)');
+}
+
+async function fioVerify(t: Test, uri: string, offsetBytes: number, sizeBytes: number, extra: string[] = []): Promise<{ code: number | null; stderr: string }> {
+  const output = join(scratchDir(t), 'fio.json');
+  const result = await runTool('fio', [
+    '--name=verify',
+    '--ioengine=nbd',
+    `--uri=${uri}`,
+    '--rw=randwrite',
+    '--bssplit=4k/50:16k/30:64k/20',
+    '--iodepth=16',
+    `--offset=${offsetBytes}`,
+    `--size=${sizeBytes}`,
+    '--verify=crc32c',
+    '--verify_fatal=1',
+    '--do_verify=1',
+    '--verify_state_save=0',
+    '--output-format=json',
+    `--output=${output}`,
+    ...extra,
+  ], 120_000);
+  return { code: result.code, stderr: result.stderr };
+}
+
+t.test('full copy while the source is written, then live sync mode: fio verify and qemu-io, devices equal', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 64 * MiB, fillBytes: 16 * MiB });
+  // A copy rate cap keeps REPLICATE going long enough to write into it.
+  await pair.addMirror({ maxRateBytesPerSec: 24 * MiB });
+  const during = await pair.waitFor((status) => status.state === 'REPLICATE', 'REPLICATE');
+  t.ok(during.progressPercent < 100, 'the full copy is under way');
+  const fioDuring = await fioVerify(t, pair.sourceUri, 8 * MiB, 8 * MiB);
+  t.equal(fioDuring.code, 0, `fio verify while REPLICATE passed ${fioDuring.stderr}`);
+  const written = await qemuIo(pair.sourceUri, ['write -P 0xa1 40M 1M', 'write -P 0xb2 100k 7k', 'write -z 44M 2M']);
+  t.notMatch(written.output, /error|failed/i, written.output);
+
+  const insync = await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC');
+  t.equal(insync.dirtyBytes, 0, 'no dirty bytes in INSYNC');
+  t.equal(insync.fullCopyDone, true);
+  t.same(
+    insync.history.map((entry) => entry.to).filter((state, index, all) => all.indexOf(state) === index),
+    ['MAKEPARTS', 'READY', 'REPLICATE', 'INSYNC'],
+    'INIT -> MAKEPARTS -> READY -> REPLICATE -> INSYNC',
+  );
+
+  // Live in sync mode: acknowledged writes are on the target when the client sees them.
+  const liveBefore = insync.sent.liveWrites;
+  const fioLive = await fioVerify(t, pair.sourceUri, 20 * MiB, 8 * MiB, ['--fsync=64']);
+  t.equal(fioLive.code, 0, `fio verify in INSYNC passed ${fioLive.stderr}`);
+  const patterns = await qemuIo(pair.sourceUri, ['write -P 0x3c 1000000 70000', 'discard 48M 1M', 'flush']);
+  t.notMatch(patterns.output, /error|failed/i, patterns.output);
+  const after = await pair.status();
+  t.equal(after.state, 'INSYNC');
+  t.ok(after.sent.liveWrites > liveBefore + 100, 'writes in INSYNC were forwarded live');
+  await expectEqualDevices(t, pair);
+
+  const refused = await qemuIo(pair.targetUri, ['write -P 0x1 0 4k']);
+  t.match(refused.output, /Operation not permitted|read-only|Permission denied/i, 'the mirror volume is read-only to NBD clients');
+});
+
+t.test('connection cut while writing: writes go on, reconnect resends only the dirty regions', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 64 * MiB, fillBytes: 4 * MiB, proxy: true });
+  const proxy = pair.proxy;
+  if (proxy === undefined) throw new Error('proxy expected');
+  await pair.addMirror();
+  await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC');
+
+  // Cut in the middle of a write load: fio must finish without an error.
+  const load = fioVerify(t, pair.sourceUri, 0, 16 * MiB, ['--time_based=1', '--runtime=2']);
+  await new Promise((resolve) => setTimeout(resolve, 700));
+  proxy.cut();
+  const loaded = await load;
+  t.equal(loaded.code, 0, `fio kept writing and verifying across the cut ${loaded.stderr}`);
+  await pair.waitFor((status) => status.state === 'INSYNC' && status.dirtyBytes === 0, 'INSYNC after the cut');
+  await expectEqualDevices(t, pair);
+
+  // A measured crack: the target unreachable while 4 MiB is written in 64 KiB-aligned pieces.
+  // Flushed first: acknowledged but unflushed regions would count as dirty too.
+  await qemuIo(pair.sourceUri, ['flush']);
+  proxy.refuse(true);
+  proxy.cut();
+  await pair.waitFor((status) => status.state !== 'INSYNC', 'a crack');
+  const cracked = await pair.status();
+  const written = await qemuIo(pair.sourceUri, ['write -P 0x42 8M 1M', 'write -P 0x43 20M 1M', 'write -P 0x44 30M 2M']);
+  t.notMatch(written.output, /error|failed/i, 'writes succeed while the target is gone');
+  const dirty = await pair.status();
+  t.ok(dirty.dirtyBytes >= 4 * MiB, `the written regions are dirty (${dirty.dirtyBytes} bytes)`);
+  t.ok(dirty.dirtyBytes <= 4 * MiB + 256 * 1024, `and little else (${dirty.dirtyBytes} bytes)`);
+  t.not(dirty.state, 'INSYNC');
+  proxy.refuse(false);
+  const resynced = await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC after reconnect');
+  const resentBytes = resynced.sent.copyBytes + resynced.sent.zeroBytes - (cracked.sent.copyBytes + cracked.sent.zeroBytes);
+  t.ok(resentBytes >= 4 * MiB, `the dirty regions were resent (${resentBytes} bytes)`);
+  t.ok(resentBytes <= 1.1 * dirty.dirtyBytes, `only the dirty regions were resent (${resentBytes} <= 1.1 x ${dirty.dirtyBytes})`);
+  t.ok(resynced.history.some((entry) => entry.to === 'OUTOFSYNC'), 'the crack went through OUTOFSYNC');
+  await expectEqualDevices(t, pair);
+});
+
+t.test('target restarted mid-sync, then source restarted (SIGTERM) mid-sync: both recover', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 64 * MiB, fillBytes: 32 * MiB });
+  await pair.addMirror({ maxRateBytesPerSec: 24 * MiB });
+  await pair.waitFor((status) => status.state === 'REPLICATE' && status.progressPercent > 5, 'REPLICATE under way');
+  await pair.restartTarget();
+  await qemuIo(pair.sourceUri, ['write -P 0x61 2M 512k']);
+  await pair.waitFor((status) => status.state === 'REPLICATE' || status.state === 'OUTOFSYNC', 'copying again after the target restart');
+
+  await pair.waitFor((status) => status.progressPercent > 10 && status.state !== 'INSYNC', 'copy under way again');
+  const beforeStop = await pair.status();
+  t.not(beforeStop.state, 'INSYNC', 'the source stops mid-sync');
+  await pair.restartSource();
+  const resumed = await pair.status();
+  t.equal(resumed.fullCopyDone, false, 'the interrupted full copy is remembered');
+  await qemuIo(pair.sourceUri, ['write -P 0x62 50M 1M']);
+  const done = await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC after both restarts', 30_000);
+  const copiedAfterRestart = done.sent.copyBytes + done.sent.zeroBytes;
+  t.ok(copiedAfterRestart < 64 * MiB, `the restarted source resumed from its saved bitmap (${copiedAfterRestart} bytes copied, not all 64 MiB)`);
+  await expectEqualDevices(t, pair);
+
+  // A clean restart in sync: nothing to copy at all.
+  await pair.restartSource();
+  const again = await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC after a clean restart');
+  t.equal(again.sent.copyBytes + again.sent.zeroBytes, 0, 'a clean restart of an in-sync mirror copies nothing');
+  t.equal(again.cause.event, 'alreadyInSync');
+});
+
+t.test('target too small -> ERROR with that reason, kept across a restart; target untouched', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 32 * MiB, targetSizeBytes: 16 * MiB, fillBytes: 1 * MiB });
+  const targetBefore = await deviceSha256(pair.targetDevice.path);
+  await pair.addMirror();
+  const failed = await pair.waitFor((status) => status.state === 'ERROR', 'ERROR');
+  t.equal(failed.error?.code, 'BM_ERR_TARGET_TOO_SMALL');
+  t.match(failed.error?.reason, /16777216 bytes.*33554432/);
+  // ERROR waits for the admin: it is not retried by itself.
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  t.equal((await pair.status()).state, 'ERROR');
+  await pair.restartSource();
+  const restored = await pair.status();
+  t.equal(restored.state, 'ERROR', 'ERROR survives a restart');
+  t.equal(restored.error?.code, 'BM_ERR_TARGET_TOO_SMALL');
+  t.equal(await deviceSha256(pair.targetDevice.path), targetBefore, 'nothing was written to the target');
+
+  // Admin commands in the wrong state get a clear error.
+  const suspend = await pair.source.request('mirror.suspend', { volume: 'vol0' }).catch((error: unknown) => error);
+  t.match(suspend, { code: 'BM_ERR_MIRROR_COMMAND_NOT_ALLOWED' });
+  const removeVolume = await pair.source.request('volume.remove', { name: 'vol0' }).catch((error: unknown) => error);
+  t.match(removeVolume, { code: 'BM_ERR_VOLUME_BUSY' });
+  const removePeer = await pair.source.request('peer.remove', { name: 'hostB' }).catch((error: unknown) => error);
+  t.match(removePeer, { code: 'BM_ERR_PEER_BUSY' });
+  await pair.source.request('mirror.remove', { volume: 'vol0' });
+  t.same((await pair.source.request('mirror.list')).mirrors, []);
+});
+
+t.test('wrong secret -> refused, ERROR BM_ERR_AUTH_FAILED, nothing written, logged with the address', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 16 * MiB, fillBytes: 1 * MiB, wrongSecret: true });
+  const targetBefore = await deviceSha256(pair.targetDevice.path);
+  await pair.addMirror();
+  const failed = await pair.waitFor((status) => status.state === 'ERROR', 'ERROR');
+  t.equal(failed.error?.code, 'BM_ERR_AUTH_FAILED');
+  t.equal(await deviceSha256(pair.targetDevice.path), targetBefore, 'nothing was written to the target');
+  const refusal = pair.target.logs().find((line) => line.msg === 'replication connection refused: authentication failed');
+  t.ok(refusal, 'the target logged the refusal');
+  t.match(refusal, { remote: /^127\.0\.0\.1:\d+$/, code: 'BM_ERR_AUTH_FAILED' });
+});
+
+t.test('--on-disconnect block holds writes while the target is gone, releases them in sync', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 16 * MiB, proxy: true });
+  const proxy = pair.proxy;
+  if (proxy === undefined) throw new Error('proxy expected');
+  await pair.addMirror({ onDisconnect: 'block' });
+  await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC');
+  proxy.refuse(true);
+  proxy.cut();
+  await pair.waitFor((status) => status.state !== 'INSYNC', 'a crack');
+  let finished = false;
+  const write = qemuIo(pair.sourceUri, ['write -P 0x7e 1M 64k', 'flush']).then((result) => {
+    finished = true;
+    return result;
+  });
+  await new Promise((resolve) => setTimeout(resolve, 800));
+  t.equal(finished, false, 'the write is held while the mirror is not in sync');
+  proxy.refuse(false);
+  const result = await write;
+  t.notMatch(result.output, /error|failed/i, 'the held write succeeds once the mirror is back in sync');
+  t.equal((await pair.status()).state, 'INSYNC');
+  await expectEqualDevices(t, pair);
+});
