@@ -312,9 +312,11 @@ export class Mirror implements VolumeReplica {
 
   private forward(offsetBytes: number, lengthBytes: number, local: Promise<void>, send: (link: SourceLink) => Promise<SendResult>): Promise<void> {
     const link = this.liveLink();
-    if (link === null || this.dirty.testRange(offsetBytes, lengthBytes)) {
-      // The region is behind anyway (or there is no link): the copier will send what the local
-      // device holds once this write is done.
+    // In INSYNC every write is forwarded, even into a region a rare race left dirty: what the
+    // client is told is on the target must be there. While copying, a region not yet copied is
+    // only marked: the copier will send what the local device holds once this write is done.
+    const behind = this.machine.state !== 'INSYNC' && this.dirty.testRange(offsetBytes, lengthBytes);
+    if (link === null || behind) {
       this.dirty.setRange(offsetBytes, lengthBytes);
       return this.settle(local, offsetBytes, lengthBytes, Promise.resolve<SendResult>('lost'));
     }
@@ -355,11 +357,18 @@ export class Mirror implements VolumeReplica {
 
   /** A strict mirror that has been in sync holds writes while the target is not protected. */
   private mustHold(): boolean {
-    return this.record.onDisconnect === 'block' && this.record.fullCopyDone && !this.record.suspended && this.machine.state !== 'INSYNC';
+    if (this.record.onDisconnect !== 'block' || !this.record.fullCopyDone || this.record.suspended) return false;
+    // The link may be gone before the driver noticed and left INSYNC.
+    return this.machine.state !== 'INSYNC' || this.liveLink() === null;
+  }
+
+  private strictError(): MirrorError {
+    return new MirrorError('EIO', `mirror of ${this.record.volume} to ${this.record.peer} is in ERROR and set to --on-disconnect block: writes are refused until the admin resumes, resets or suspends it`);
   }
 
   private hold(): Promise<void> {
     if (this.stopping) return Promise.reject(new MirrorError('ESHUTDOWN', `mirror of ${this.record.volume} is stopping`));
+    if (this.machine.state === 'ERROR') return Promise.reject(this.strictError());
     return new Promise((resolve, reject) => this.held.push({ resolve, reject }));
   }
 
@@ -384,7 +393,10 @@ export class Mirror implements VolumeReplica {
     } else if (from === 'ERROR' && to !== 'ERROR') {
       this.tryUpdate({ error: null });
     }
-    if (to === 'INSYNC' || this.record.suspended || to === 'ERROR') this.releaseHeld();
+    if (to === 'INSYNC' || this.record.suspended) this.releaseHeld();
+    // A strict mirror in ERROR waits for the admin: its writes fail rather than hang or run
+    // unprotected.
+    else if (to === 'ERROR') this.releaseHeld(this.strictError());
   }
 
   private async drive(): Promise<void> {
