@@ -507,7 +507,11 @@ export class Mirror implements VolumeReplica {
     const link = this.link;
     this.link = null;
     const state = this.machine.state;
-    if (link !== null) this.dirty.merge(this.unflushed.snapshotAndClear());
+    if (link !== null) {
+      this.dirty.merge(this.unflushed.snapshotAndClear());
+      // Progress, rate and ETA describe the next pass from here, not the one that was cut.
+      this.startPass();
+    }
     if (this.pendingSevere !== null) {
       const severe = this.pendingSevere;
       this.pendingSevere = null;
