@@ -49,7 +49,7 @@ export const replicationTimingDefaults: ReplicationTiming = {
 };
 
 /** Node names follow the peer name rules: they are matched against `peer add` names. */
-const nodeNamePattern = /^[A-Za-z0-9._-]{1,64}$/;
+const nodeNamePattern = /^(?!\.\.?$)[A-Za-z0-9._-]{1,64}$/;
 
 /** The host name, shortened to what a node name may hold. */
 function defaultNodeName(): string {

@@ -89,7 +89,11 @@ export class Daemon {
       openVolume: (spec, volumeLogger) => Volume.open(spec, volumeLogger),
       connections: () => this.requireNbd(),
       uris: (name) => this.uris(name),
-      inUse: (name) => (this.mirrors?.usesVolume(name) === true ? 'it has a mirror; remove the mirror first' : null),
+      inUse: (name) => {
+        if (this.mirrors?.usesVolume(name) === true) return 'it has a mirror; remove the mirror first';
+        const writer = this.replication?.sessionPeer(name);
+        return writer === undefined ? null : `peer ${writer} is replicating into it; remove the mirror on ${writer} first`;
+      },
     });
     this.volumes = volumes;
     this.nbd = new NbdServer({

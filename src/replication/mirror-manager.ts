@@ -64,16 +64,16 @@ export class MirrorManager {
   }
 
   list(): MirrorInfo[] {
-    return this.mirrors.map((mirror) => mirror.info());
+    return [...this.mirrors.map((mirror) => mirror.info()), ...this.dormant.map(dormantInfo)];
   }
 
   status(params: MethodParams<'mirror.status'>): MirrorInfo[] {
-    const found = this.mirrors.filter((mirror) => mirror.key.volume === params.volume && (params.peer === undefined || mirror.key.peer === params.peer));
+    const matches = (key: { volume: string; peer: string }): boolean => key.volume === params.volume && (params.peer === undefined || key.peer === params.peer);
+    const found = [...this.mirrors.filter((mirror) => matches(mirror.key)).map((mirror) => mirror.info()), ...this.dormant.filter(matches).map(dormantInfo)];
     if (found.length === 0) {
-      const dormant = this.dormant.some((record) => record.volume === params.volume);
-      throw new BmError(ControlErrorCode.MirrorNotFound, dormant ? `the mirrors of ${params.volume} are not running: the volume is not online` : `volume ${params.volume} has no mirror${params.peer === undefined ? '' : ` to ${params.peer}`}`);
+      throw new BmError(ControlErrorCode.MirrorNotFound, `volume ${params.volume} has no mirror${params.peer === undefined ? '' : ` to ${params.peer}`}`);
     }
-    return found.map((mirror) => mirror.info());
+    return found;
   }
 
   add(params: MethodParams<'mirror.add'>): Promise<MirrorInfo> {
@@ -117,8 +117,23 @@ export class MirrorManager {
 
   remove(params: MethodParams<'mirror.remove'>): Promise<MirrorRemoveResult> {
     return this.exclusive(async () => {
+      const dormant = this.dormant.filter((record) => record.volume === params.volume && (params.peer === undefined || record.peer === params.peer));
+      if (dormant.length === 1 && !this.mirrors.some((mirror) => mirror.key.volume === params.volume)) {
+        // Not running (its volume is not online): nothing to stop, only the record to forget.
+        const record = dormant[0] as MirrorRecord;
+        this.persist(this.records().filter((other) => other.id !== record.id));
+        this.dormant.splice(this.dormant.indexOf(record), 1);
+        removeBitmapFile(this.options.stateDir, record.id);
+        this.logger.info({ volume: record.volume, peer: record.peer }, 'mirror removed (it was not running)');
+        return { volume: record.volume, peer: record.peer };
+      }
       const mirror = this.find(params.volume, params.peer);
-      mirror.checkRemovable(params.force === true);
+      try {
+        mirror.checkRemovable(params.force === true);
+      } catch (error) {
+        if (error instanceof MirrorError) throw new BmError(error.code, error.message);
+        throw error;
+      }
       const record = mirror.currentRecord;
       this.persist(this.records().filter((other) => other.id !== record.id));
       this.mirrors.splice(this.mirrors.indexOf(mirror), 1);
@@ -235,4 +250,32 @@ export class MirrorManager {
     this.queue = run.catch(() => undefined);
     return run;
   }
+}
+
+/** Status of a mirror that is not running because its source volume is not online. */
+function dormantInfo(record: MirrorRecord): MirrorInfo {
+  return {
+    volume: record.volume,
+    peer: record.peer,
+    target: record.target,
+    mode: record.mode,
+    onDisconnect: record.onDisconnect,
+    maxRateBytesPerSec: record.maxRateBytesPerSec,
+    state: record.error === null ? 'INIT' : 'ERROR',
+    since: record.createdAt,
+    cause: { event: 'stop', reason: `not running: source volume ${record.volume} is not online`, code: null },
+    error: record.error,
+    suspended: record.suspended,
+    linkUp: false,
+    fullCopyDone: record.fullCopyDone,
+    sizeBytes: 0,
+    dirtyBytes: 0,
+    progressPercent: 0,
+    copiedBytes: 0,
+    rateBytesPerSec: 0,
+    etaSeconds: null,
+    sent: { liveBytes: 0, copyBytes: 0, zeroBytes: 0, liveWrites: 0 },
+    nextRetryAt: null,
+    history: [],
+  };
 }

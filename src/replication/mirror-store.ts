@@ -54,20 +54,34 @@ export function mirrorsPath(stateDir: string): string {
   return path.join(stateDir, mirrorsFileName);
 }
 
+/** Rules beyond the schema: one mirror per (volume, peer), unique ids (they name bitmap files). */
+function duplicateIn(records: readonly MirrorRecord[]): string | undefined {
+  const keys = new Set<string>();
+  const ids = new Set<string>();
+  for (const record of records) {
+    const key = `${record.volume}\0${record.peer}`;
+    if (keys.has(key)) return `mirror of ${record.volume} to ${record.peer} appears twice`;
+    if (ids.has(record.id)) return `mirror id ${record.id} appears twice`;
+    keys.add(key);
+    ids.add(record.id);
+  }
+  return undefined;
+}
+
 export function loadMirrors(stateDir: string): MirrorRecord[] {
   const filePath = mirrorsPath(stateDir);
   const document = loadStateFile(filePath, mirrorsFile);
   if (document === undefined) return [];
-  const keys = new Set<string>();
-  for (const record of document.mirrors) {
-    const key = `${record.volume}\0${record.peer}`;
-    if (keys.has(key)) throw stateFileCorrupt(mirrorsFile.what, filePath, `mirror of ${record.volume} to ${record.peer} appears twice`);
-    keys.add(key);
-  }
+  const duplicate = duplicateIn(document.mirrors);
+  if (duplicate !== undefined) throw stateFileCorrupt(mirrorsFile.what, filePath, duplicate);
   return document.mirrors;
 }
 
+/** Refuses (like loading would) a list with duplicates: a bug must not write a file the next
+ *  start refuses. */
 export function saveMirrors(stateDir: string, records: readonly MirrorRecord[]): void {
+  const duplicate = duplicateIn(records);
+  if (duplicate !== undefined) throw new Error(`refusing to save the mirror registry: ${duplicate}`);
   saveStateFile(mirrorsPath(stateDir), mirrorsFile, { version: mirrorsVersion, mirrors: [...records] });
 }
 

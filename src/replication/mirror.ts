@@ -240,7 +240,7 @@ export class Mirror implements VolumeReplica {
     const copying = status.state === 'REPLICATE' || (status.state === 'OUTOFSYNC' && status.linkUp);
     const rate = copying && elapsedS > 0 ? this.pass.copiedBytes / elapsedS : 0;
     const total = this.pass.copiedBytes + dirtyBytes;
-    const progress = status.state === 'INSYNC' || total === 0 ? (dirtyBytes === 0 ? 100 : 0) : (100 * this.pass.copiedBytes) / total;
+    const progress = total === 0 ? 100 : (100 * this.pass.copiedBytes) / total;
     return {
       volume: this.record.volume,
       peer: this.record.peer,

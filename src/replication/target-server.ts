@@ -84,6 +84,11 @@ export class ReplicationServer {
     return this.sessions.size;
   }
 
+  /** The peer writing `volumeName` now, if any. */
+  sessionPeer(volumeName: string): string | undefined {
+    return this.sessions.get(volumeName)?.peerName;
+  }
+
   /** Stops accepting and closes every connection; writes being applied finish first. */
   async close(): Promise<void> {
     this.closing = true;
@@ -148,7 +153,7 @@ export class ReplicationServer {
       return;
     }
     const info = target.info();
-    const session = new TargetSession(channel, target, hello, log, (buffer) => {
+    const session = new TargetSession(channel, target, hello, peerName, log, (buffer) => {
       if (pooled.has(buffer)) {
         pooled.delete(buffer);
         this.pool.release(buffer);
@@ -232,6 +237,7 @@ class TargetSession {
     private readonly channel: FrameChannel,
     private readonly volume: ReplicaTarget,
     private readonly hello: Hello,
+    readonly peerName: string,
     private readonly logger: Logger,
     private readonly releasePayload: (buffer: Buffer) => void,
   ) {}
@@ -276,7 +282,9 @@ class TargetSession {
       if (this.ended === null) {
         const closed = code === 'BM_ERR_WIRE_CLOSED';
         const what = code === 'BM_ERR_REPLICATION_PROTOCOL' ? 'protocol violation' : 'malformed frame';
-        this.protocolEnd(closed ? 'connection closed by the source' : `${what} (${code ?? 'error'}): ${(error as Error).message}`, !closed);
+        // A body this version does not know: the peer sent a message it should have asked for.
+        const wireCode: ErrorCodeName = code === 'BM_ERR_WIRE_UNKNOWN_MESSAGE' ? 'ERROR_CODE_UNSUPPORTED_MESSAGE' : 'ERROR_CODE_PROTOCOL';
+        this.protocolEnd(closed ? 'connection closed by the source' : `${what} (${code ?? 'error'}): ${(error as Error).message}`, !closed, wireCode);
       }
     }
     await this.order.drain();
@@ -344,9 +352,9 @@ class TargetSession {
     this.channel.send(wireMessage(kind, { sequence, status }));
   }
 
-  private protocolEnd(reason: string, tellSource: boolean): void {
+  private protocolEnd(reason: string, tellSource: boolean, code: ErrorCodeName = 'ERROR_CODE_PROTOCOL'): void {
     if (tellSource && !this.channel.stream.destroyed) {
-      this.channel.send(wireMessage('error', { code: 'ERROR_CODE_PROTOCOL', message: reason }));
+      this.channel.send(wireMessage('error', { code, message: reason }));
     }
     if (tellSource) this.logger.warn({ reason }, 'replication connection dropped');
     this.ended = reason;

@@ -260,6 +260,7 @@ export class Volume implements BlockBackend {
           ? this.deviceWrite(offsetBytes, data, fua)
           : this.readModifyWriteUnlocked(offsetBytes, data.length, fua, (span, headBytes) => data.copy(span, headBytes));
         replicated = this.replicate((replica) => replica.replicateWrite(offsetBytes, data, fua, local));
+        replicated.catch(ignore); // awaited below; a local failure must not leave it unhandled
         await local.catch(this.failOnDeviceError);
       } finally {
         this.rangeLock.release(lock);
@@ -281,6 +282,7 @@ export class Volume implements BlockBackend {
       try {
         const local = this.zeroUnlocked(offsetBytes, lengthBytes, options);
         replicated = this.replicate((replica) => replica.replicateZeroes(offsetBytes, lengthBytes, options.fua, local));
+        replicated.catch(ignore);
         await local.catch(this.failOnDeviceError);
       } finally {
         this.rangeLock.release(lock);
@@ -308,6 +310,7 @@ export class Volume implements BlockBackend {
     this.begin();
     try {
       const replicated = this.replicas.length === 0 ? undefined : this.replicate((replica) => replica.replicateFlush());
+      replicated?.catch(ignore); // awaited after the local flush, which may take longer
       await this.file.flush().catch(this.failOnDeviceError);
       await replicated;
     } finally {
@@ -627,6 +630,8 @@ export class Volume implements BlockBackend {
     }
   }
 }
+
+function ignore(): void {}
 
 function isUnsupported(error: unknown): boolean {
   const code = (error as { code?: unknown }).code;

@@ -60,16 +60,27 @@ async function startServer(t: Test) {
       throw new BmError('BM_ERR_PEER_NOT_FOUND', `peer ${params.name} does not exist`);
     },
     'peer.remove': async (params) => ({ name: params.name }),
+    'mirror.add': noMirror,
+    'mirror.list': async () => ({ mirrors: [] }),
+    'mirror.status': noMirror,
+    'mirror.remove': noMirror,
+    'mirror.suspend': noMirror,
+    'mirror.resume': noMirror,
+    'mirror.reset': noMirror,
     status: async () => {
       calls.push({ method: 'status', params: {} });
       await new Promise((resolve) => setTimeout(resolve, 20));
-      return { version: 'x', pid: 1, uptimeSeconds: 0, controlSocket: '', nbdSocket: '', nbdListen: null, replicationListen: null, stateDir: '', peers: 0, volumes: 0, volumesInError: 0, connections: 0, ioEngine: 'x' };
+      return { version: 'x', pid: 1, uptimeSeconds: 0, controlSocket: '', nbdSocket: '', nbdListen: null, replicationListen: null, nodeName: 'n', mirrors: 0, replicationSessions: 0, stateDir: '', peers: 0, volumes: 0, volumesInError: 0, connections: 0, ioEngine: 'x' };
     },
   };
   const server = new ControlServer({ handlers, logger, socketMode: 0o660 });
   await server.listen(socketPath);
   t.teardown(() => server.close());
   return { server, socketPath, calls };
+}
+
+async function noMirror(params: { volume: string }): Promise<never> {
+  throw new BmError('BM_ERR_MIRROR_NOT_FOUND', `volume ${params.volume} has no mirror`);
 }
 
 /** Send raw bytes, collect reply lines until `count` arrived or the server hung up. */

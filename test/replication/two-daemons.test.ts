@@ -2,6 +2,7 @@
 // the source is written, synchronous mode, cracks and FastResync, restarts, and the failures
 // that must stop in ERROR. The assertion that matters most is the last one of each test: both
 // devices hash equal.
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { haveTool, runTool } from '../helpers/daemon';
@@ -198,4 +199,29 @@ t.test('--on-disconnect block holds writes while the target is gone, releases th
   t.notMatch(result.output, /error|failed/i, 'the held write succeeds once the mirror is back in sync');
   t.equal((await pair.status()).state, 'INSYNC');
   await expectEqualDevices(t, pair);
+});
+
+t.test('a mirror volume being written is not removable; a mirror whose source is offline is listed and removable', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 16 * MiB });
+  await pair.addMirror();
+  await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC');
+  const busy = await pair.target.request('volume.remove', { name: 'vol0', force: true }).catch((error: unknown) => error);
+  t.match(busy, { code: 'BM_ERR_VOLUME_BUSY', message: /peer hostA is replicating into it/ });
+  const refusedRemove = await pair.source.request('mirror.remove', { volume: 'vol0', peer: 'nobody' }).catch((error: unknown) => error);
+  t.match(refusedRemove, { code: 'BM_ERR_MIRROR_NOT_FOUND' });
+
+  // The source device is gone at the next start (its path now names nothing): the mirror is
+  // kept, shown, and removable.
+  await pair.source.stop('SIGTERM');
+  const registry = join(pair.source.paths.stateDir, 'volumes.json');
+  const document = JSON.parse(readFileSync(registry, 'utf8'));
+  document.volumes[0].device = join(pair.source.paths.dir, 'missing-device');
+  writeFileSync(registry, JSON.stringify(document));
+  await pair.restartSource();
+  const listed = (await pair.source.request('mirror.list')).mirrors;
+  t.match(listed, [{ volume: 'vol0', peer: 'hostB', state: 'INIT', cause: { reason: /not online/ } }]);
+  await pair.source.request('mirror.remove', { volume: 'vol0' });
+  t.same((await pair.source.request('mirror.list')).mirrors, []);
+  const removed = await pair.source.request('volume.remove', { name: 'vol0' });
+  t.equal(removed.name, 'vol0', 'with the mirror gone, the volume can be removed');
 });
