@@ -137,7 +137,7 @@ export class MirrorManager {
       const record = mirror.currentRecord;
       this.persist(this.records().filter((other) => other.id !== record.id));
       this.mirrors.splice(this.mirrors.indexOf(mirror), 1);
-      await mirror.stop('mirror removed');
+      await mirror.stop('mirror removed', 'remove');
       mirror.markRemoved();
       removeBitmapFile(this.options.stateDir, record.id);
       this.logger.info({ volume: record.volume, peer: record.peer }, 'mirror removed');

@@ -111,11 +111,17 @@ export class Mirror implements VolumeReplica {
   private readonly backoff: ExponentialBackoff;
   private readonly rateLimit: RateLimit | undefined;
   private readonly pool = new BufferPool({ maxPooledBytes: CHUNK_BYTES_MAX * CHUNKS_IN_FLIGHT_MAX, alignBytes: 4096 });
+  /** Wakes the driver: admin commands, link closed, stop. */
   private readonly wakeup = new Wakeup();
+  /** Wakes INSYNC's watch when a write left a region dirty (a separate channel, so data events
+   *  never cut a RESET backoff short). */
+  private readonly dirtied = new Wakeup();
   private readonly abort = new AbortController();
   private link: SourceLink | null = null;
   private driver: Promise<void> | null = null;
   private stopping = false;
+  /** Set by stop('remove'): writes are no longer held, and held ones go on. */
+  private releaseOnStop = false;
   /** A severe failure seen on the data path, for the driver to act on. */
   private pendingSevere: { code: MirrorErrorCode; reason: string } | null = null;
   /** Writes held by a strict mirror until it is in sync again. */
@@ -169,11 +175,13 @@ export class Mirror implements VolumeReplica {
     });
   }
 
-  /** Stops the link and the driver; held writes fail with ESHUTDOWN. Returns the dirty bitmap
-   *  (everything the target may lack) for saving. Idempotent. */
-  async stop(reason: string): Promise<DirtyBitmap> {
+  /** Stops the link and the driver. At shutdown held writes fail with ESHUTDOWN; when the
+   *  mirror is removed they go on (the volume stays in service, now without this mirror).
+   *  Returns the dirty bitmap (everything the target may lack) for saving. */
+  async stop(reason: string, why: 'shutdown' | 'remove' = 'shutdown'): Promise<DirtyBitmap> {
     this.stopping = true;
-    this.releaseHeld(new MirrorError('ESHUTDOWN', `mirror of ${this.record.volume} is stopping`));
+    this.releaseOnStop = why === 'remove';
+    this.releaseHeld(this.releaseOnStop ? undefined : this.shutdownError());
     // A last flush lets the saved bitmap leave out what the target already holds durably;
     // bounded, because a stuck target must not hold up the shutdown.
     const link = this.liveLink();
@@ -183,6 +191,7 @@ export class Mirror implements VolumeReplica {
     this.abort.abort();
     this.link?.close(reason);
     this.wakeup.notify();
+    this.dirtied.notify();
     await this.driver;
     this.volume.detachReplica(this);
     if (this.machine.canFire('stop')) this.machine.fire({ type: 'stop', reason });
@@ -194,7 +203,11 @@ export class Mirror implements VolumeReplica {
   /** Only fails held writes (ESHUTDOWN) so the NBD server can drain before the mirror stops. */
   releaseHeldForShutdown(): void {
     this.stopping = true;
-    this.releaseHeld(new MirrorError('ESHUTDOWN', `mirror of ${this.record.volume} is stopping`));
+    this.releaseHeld(this.shutdownError());
+  }
+
+  private shutdownError(): MirrorError {
+    return new MirrorError('ESHUTDOWN', `mirror of ${this.record.volume} is stopping`);
   }
 
   // --- admin commands ------------------------------------------------------------------------
@@ -293,11 +306,11 @@ export class Mirror implements VolumeReplica {
     if (link === null) {
       // Nothing to make durable there; what the target lacks is dirty. A strict mirror holds
       // the flush like a write: it must not report durability it does not have.
-      if (this.mustHold()) await this.hold();
+      await this.holdWhileUnprotected();
       return;
     }
     const result = await this.flushTarget(link);
-    if (result !== 'ok' && this.mustHold()) await this.hold();
+    if (result !== 'ok') await this.holdWhileUnprotected();
   }
 
   // --- data path -----------------------------------------------------------------------------
@@ -317,25 +330,41 @@ export class Mirror implements VolumeReplica {
     // only marked: the copier will send what the local device holds once this write is done.
     const behind = this.machine.state !== 'INSYNC' && this.dirty.testRange(offsetBytes, lengthBytes);
     if (link === null || behind) {
-      this.dirty.setRange(offsetBytes, lengthBytes);
+      this.markDirty(offsetBytes, lengthBytes);
       return this.settle(local, offsetBytes, lengthBytes, Promise.resolve<SendResult>('lost'));
     }
     this.sent.liveWrites++;
     this.sent.liveBytes += lengthBytes;
-    return this.settle(local, offsetBytes, lengthBytes, send(link));
+    // Recorded the moment the target answers or the link drops, not after the local write: a
+    // reconnect in between must find the region dirty (or unflushed) in the bitmaps.
+    const sent = send(link).then((result) => {
+      if (result === 'ok') {
+        this.unflushed.setRange(offsetBytes, lengthBytes);
+      } else {
+        this.markDirty(offsetBytes, lengthBytes);
+        if (result === 'failed') this.targetFailed(link);
+      }
+      return result;
+    });
+    return this.settle(local, offsetBytes, lengthBytes, sent);
   }
 
   private async settle(local: Promise<void>, offsetBytes: number, lengthBytes: number, sent: Promise<SendResult>): Promise<void> {
-    const [, result] = await Promise.all([local.catch(() => undefined), sent]);
-    if (result === 'ok') {
-      this.unflushed.setRange(offsetBytes, lengthBytes);
-      return;
-    }
-    // After the local write: a copy that read the region before it finished must not be the
-    // last word.
+    let localFailed = false;
+    await local.catch(() => {
+      localFailed = true;
+    });
+    const result = await sent;
+    if (result === 'ok' && !localFailed) return;
+    // Again after the local write: a copy that read the region before it finished must not be
+    // the last word; and when the local write failed, the target may hold bytes we do not.
+    this.markDirty(offsetBytes, lengthBytes);
+    if (!localFailed) await this.holdWhileUnprotected(offsetBytes, lengthBytes);
+  }
+
+  private markDirty(offsetBytes: number, lengthBytes: number): void {
     this.dirty.setRange(offsetBytes, lengthBytes);
-    if (result === 'failed') this.targetFailed();
-    if (this.mustHold()) await this.hold();
+    this.dirtied.notify();
   }
 
   private async flushTarget(link: SourceLink): Promise<SendResult> {
@@ -343,21 +372,22 @@ export class Mirror implements VolumeReplica {
     this.lastTargetFlushMs = performance.now();
     const result = await link.flush();
     if (result !== 'ok') this.dirty.merge(covered);
-    if (result === 'failed') this.targetFailed();
+    if (result === 'failed') this.targetFailed(link);
     return result;
   }
 
-  private targetFailed(): void {
-    if (this.pendingSevere !== null) return;
-    const status = this.link?.lastTargetStatus ?? 'an error';
-    this.pendingSevere = { code: 'BM_ERR_TARGET_IO', reason: `the target answered ${status} writing replicated data` };
-    this.link?.close('the target failed a write');
+  /** The target refused data on `link`. Only the current link's refusal moves the mirror to
+   *  ERROR; an older link is gone already and its ranges are dirty. */
+  private targetFailed(link: SourceLink): void {
+    if (link !== this.link || this.pendingSevere !== null) return;
+    this.pendingSevere = { code: 'BM_ERR_TARGET_IO', reason: `the target answered ${link.lastTargetStatus ?? 'an error'} writing replicated data` };
+    link.close('the target failed a write');
     this.wakeup.notify();
   }
 
   /** A strict mirror that has been in sync holds writes while the target is not protected. */
   private mustHold(): boolean {
-    if (this.record.onDisconnect !== 'block' || !this.record.fullCopyDone || this.record.suspended) return false;
+    if (!this.isStrict()) return false;
     // The link may be gone before the driver noticed and left INSYNC.
     return this.machine.state !== 'INSYNC' || this.liveLink() === null;
   }
@@ -367,9 +397,24 @@ export class Mirror implements VolumeReplica {
   }
 
   private hold(): Promise<void> {
-    if (this.stopping) return Promise.reject(new MirrorError('ESHUTDOWN', `mirror of ${this.record.volume} is stopping`));
+    if (this.stopping) return this.releaseOnStop ? Promise.resolve() : Promise.reject(this.shutdownError());
     if (this.machine.state === 'ERROR') return Promise.reject(this.strictError());
     return new Promise((resolve, reject) => this.held.push({ resolve, reject }));
+  }
+
+  /** A strict mirror's write or flush that did not reach the target: returns once the mirror is
+   *  in sync with that range copied (or is suspended, removed, ...), fails at shutdown or in
+   *  ERROR. Returns at once for other mirrors. */
+  private async holdWhileUnprotected(offsetBytes?: number, lengthBytes?: number): Promise<void> {
+    for (;;) {
+      if (!this.mustHold() && (offsetBytes === undefined || lengthBytes === undefined || !this.isStrict() || !this.dirty.testRange(offsetBytes, lengthBytes))) return;
+      if (this.stopping && this.releaseOnStop) return;
+      await this.hold();
+    }
+  }
+
+  private isStrict(): boolean {
+    return this.record.onDisconnect === 'block' && this.record.fullCopyDone && !this.record.suspended;
   }
 
   private releaseHeld(error?: Error): void {
@@ -401,31 +446,62 @@ export class Mirror implements VolumeReplica {
 
   private async drive(): Promise<void> {
     while (!this.stopping) {
-      const state = this.machine.state;
-      if (state === 'ERROR' || (state === 'INIT' && this.record.suspended)) {
-        await this.wakeup.wait();
-      } else if (state === 'INIT') {
-        this.fire({ type: 'start' });
-      } else if (state === 'MAKEPARTS' && this.record.suspended) {
-        this.fire({ type: 'stop', reason: 'suspended by the admin' });
-      } else if (state === 'MAKEPARTS') {
-        await this.connect();
-      } else if (state === 'RESET') {
-        const delayMs = this.backoff.nextDelayMs();
-        this.nextRetryAtMs = Date.now() + delayMs;
-        await this.wakeup.wait(delayMs);
-        this.nextRetryAtMs = null;
-        if (this.stopping || this.machine.state !== 'RESET') continue;
-        this.fire({ type: 'retryDue' });
-      } else if (state === 'READY') {
-        this.decide();
-      } else if (this.link === null || !this.link.isOpen || this.record.suspended) {
-        await this.cracked();
-      } else if (state === 'REPLICATE' || state === 'OUTOFSYNC') {
-        await this.resync(this.link);
-      } else {
-        await this.watchInSync(this.link);
+      try {
+        await this.step();
+      } catch (error) {
+        await this.recover(error);
       }
+    }
+  }
+
+  /** A bug or an unexpected failure (state dir unwritable, ...) must not leave the mirror without
+   *  a driver: drop the link, fail over to a retry state, back off. */
+  private async recover(error: unknown): Promise<void> {
+    this.logger.error({ err: error, state: this.machine.state }, 'mirror driver error; dropping the link and retrying');
+    const link = this.link;
+    this.link = null;
+    if (link !== null) {
+      link.close('internal error');
+      this.dirty.merge(this.unflushed.snapshotAndClear());
+    }
+    try {
+      if (this.machine.canFire('transientFailure')) {
+        this.fire({ type: 'transientFailure', code: 'BM_ERR_INTERNAL', reason: `internal error: ${(error as Error).message}` });
+      } else if (this.machine.canFire('connectionLost')) {
+        this.fire({ type: 'connectionLost', reason: `internal error: ${(error as Error).message}` });
+      }
+    } catch (fireError) {
+      this.logger.error({ err: fireError }, 'mirror state could not be updated after a driver error');
+    }
+    await this.wakeup.wait(this.backoff.nextDelayMs());
+  }
+
+  /** One turn of the driver: act on the current state. */
+  private async step(): Promise<void> {
+    const state = this.machine.state;
+    if (state === 'ERROR' || (state === 'INIT' && this.record.suspended)) {
+      await this.wakeup.wait();
+    } else if (state === 'INIT') {
+      this.fire({ type: 'start' });
+    } else if (state === 'MAKEPARTS' && this.record.suspended) {
+      this.fire({ type: 'stop', reason: 'suspended by the admin' });
+    } else if (state === 'MAKEPARTS') {
+      await this.connect();
+    } else if (state === 'RESET') {
+      const delayMs = this.backoff.nextDelayMs();
+      this.nextRetryAtMs = Date.now() + delayMs;
+      await this.wakeup.wait(delayMs);
+      this.nextRetryAtMs = null;
+      if (this.stopping || this.machine.state !== 'RESET') return;
+      this.fire({ type: 'retryDue' });
+    } else if (state === 'READY') {
+      this.decide();
+    } else if (this.link === null || !this.link.isOpen || this.record.suspended) {
+      await this.cracked();
+    } else if (state === 'REPLICATE' || state === 'OUTOFSYNC') {
+      await this.resync(this.link);
+    } else {
+      await this.watchInSync(this.link);
     }
   }
 
@@ -460,8 +536,8 @@ export class Mirror implements VolumeReplica {
       if (error instanceof LinkSetupError && error.severity === 'severe') {
         this.fire({ type: 'validationFailed', code: error.code as MirrorErrorCode, reason: error.message });
       } else {
-        const code = (error as { code?: string }).code ?? 'BM_ERR_INTERNAL';
-        this.fire({ type: 'transientFailure', code, reason: (error as Error).message });
+        const code = (error as { code?: unknown }).code;
+        this.fire({ type: 'transientFailure', code: typeof code === 'string' && code !== '' ? code : 'BM_ERR_INTERNAL', reason: (error as Error).message });
       }
       return;
     }
@@ -472,7 +548,10 @@ export class Mirror implements VolumeReplica {
     }
     this.link = link;
     this.pendingSevere = null;
-    link.onClose(() => this.wakeup.notify());
+    link.onClose(() => {
+      this.wakeup.notify();
+      this.dirtied.notify();
+    });
     this.fire({ type: 'connected', reason: `connected to ${record.peer}, authenticated; target accepted the hello` });
     this.fire({ type: 'validated', reason: `target ${record.target} on ${record.peer} validated (${link.reply.sizeBytes} bytes)` });
   }
@@ -484,7 +563,7 @@ export class Mirror implements VolumeReplica {
     const knowsUs = link.reply.generationIds.includes(this.record.generation);
     if (!knowsUs) {
       // The target has no history with this generation (new, re-added, or reset): everything.
-      if (this.record.fullCopyDone) this.update({ fullCopyDone: false });
+      if (this.record.fullCopyDone) this.tryUpdate({ fullCopyDone: false });
       this.dirty.setRange(0, this.dirty.sizeBytes);
     }
     this.startPass();
@@ -551,7 +630,7 @@ export class Mirror implements VolumeReplica {
         const flushed = await this.flushTarget(link);
         if (flushed !== 'ok' || this.dirty.count() > 0) continue;
         if (this.machine.state === 'REPLICATE' || this.machine.state === 'OUTOFSYNC') {
-          if (!this.record.fullCopyDone) this.update({ fullCopyDone: true });
+          if (!this.record.fullCopyDone) this.tryUpdate({ fullCopyDone: true });
           this.backoff.reset();
           this.fire({ type: 'copyComplete', reason: `target holds every region (${this.pass.copiedBytes} bytes copied)` });
         }
@@ -597,7 +676,7 @@ export class Mirror implements VolumeReplica {
           this.pass.copiedBytes += lengthBytes;
         } else {
           this.dirty.setRange(offsetBytes, lengthBytes);
-          if (result === 'failed') this.targetFailed();
+          if (result === 'failed') this.targetFailed(link);
         }
         progress.notify();
       });
@@ -618,13 +697,15 @@ export class Mirror implements VolumeReplica {
     while (link.isOpen && !this.stopping && this.machine.state === 'INSYNC') {
       if (this.dirty.count() > 0) {
         await this.resync(link);
+        // Writes a strict mirror held for this range may go: it is copied and flushed.
+        if (this.dirty.count() === 0) this.releaseHeld();
         continue;
       }
       if (this.unflushed.count() > 0 && performance.now() - this.lastTargetFlushMs >= TARGET_FLUSH_INTERVAL_MS) {
         await this.flushTarget(link);
         continue;
       }
-      await this.wakeup.wait(TARGET_FLUSH_INTERVAL_MS);
+      await this.dirtied.wait(TARGET_FLUSH_INTERVAL_MS);
     }
   }
 
@@ -642,12 +723,14 @@ export class Mirror implements VolumeReplica {
     this.record = next;
   }
 
-  /** For changes made from a transition listener: a failed write is logged, not thrown. */
+  /** For changes the engine makes on its own: a failed write is logged and the change kept in
+   *  memory (every such change is safe to lose at a restart: it only costs a copy). */
   private tryUpdate(change: Partial<MirrorRecord>): void {
     try {
       this.update(change);
     } catch (error) {
-      this.logger.error({ err: error }, 'persisting the mirror record failed');
+      this.record = { ...this.record, ...change };
+      this.logger.error({ err: error }, 'persisting the mirror record failed; the change holds until the next restart');
     }
   }
 }

@@ -68,6 +68,7 @@ export class SourceLink {
   private readonly pending = new Map<number, Pending>();
   private nextSequence = 1;
   private pendingBytes = 0;
+  private lastAckMs = 0;
   private closeReason: string | null = null;
   private readonly closeListeners: Array<(reason: string) => void> = [];
   private readonly ackTimer: NodeJS.Timeout;
@@ -113,7 +114,7 @@ export class SourceLink {
       });
     } catch (error) {
       socket.destroy();
-      const code = (error as { code?: string }).code ?? 'BM_ERR_AUTH_FAILED';
+      const code = errorCodeOf(error, 'BM_ERR_AUTH_PROTOCOL');
       if (code === 'BM_ERR_AUTH_FAILED' || code === 'BM_ERR_AUTH_UNKNOWN_PEER') {
         throw new LinkSetupError('severe', code, `authentication with peer ${options.peerName} failed: ${(error as Error).message}`);
       }
@@ -133,8 +134,7 @@ export class SourceLink {
     } catch (error) {
       socket.destroy();
       if (error instanceof LinkSetupError) throw error;
-      const code = (error as { code?: string }).code ?? 'BM_ERR_PROTOCOL';
-      throw new LinkSetupError('transient', code, `hello with peer ${options.peerName} failed: ${(error as Error).message}`);
+      throw new LinkSetupError('transient', errorCodeOf(error, 'BM_ERR_PROTOCOL'), `hello with peer ${options.peerName} failed: ${(error as Error).message}`);
     }
   }
 
@@ -220,6 +220,7 @@ export class SourceLink {
     }
     this.pending.delete(sequence);
     this.pendingBytes -= entry.bytes;
+    this.lastAckMs = performance.now();
     if (status === 'STATUS_OK') {
       entry.resolve('ok');
     } else {
@@ -249,12 +250,22 @@ export class SourceLink {
   private checkAckTimeout(): void {
     const oldest = this.pending.values().next();
     if (oldest.done === true) return;
-    const waitedMs = performance.now() - oldest.value.sentMs;
+    // Measured from the later of the oldest send and the last acknowledgement: a backlog that
+    // is being worked through is slow, not stuck.
+    const waitedMs = performance.now() - Math.max(oldest.value.sentMs, this.lastAckMs);
     if (waitedMs > this.ackTimeoutMs) {
       this.logger.warn({ waitedMs: Math.round(waitedMs), pending: this.pending.size }, 'target did not acknowledge in time; closing the link');
       this.close(`no acknowledgement from the target in ${this.ackTimeoutMs} ms`);
     }
   }
+}
+
+/** A string code for the mirror's cause: AbortSignal.timeout() rejects with a DOMException
+ *  whose `code` is a number. */
+function errorCodeOf(error: unknown, fallback: string): string {
+  if ((error as { name?: unknown }).name === 'TimeoutError') return 'ETIMEDOUT';
+  const code = (error as { code?: unknown }).code;
+  return typeof code === 'string' && code !== '' ? code : fallback;
 }
 
 function refusal(code: ErrorCodeName, message: string): LinkSetupError {

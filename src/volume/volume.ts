@@ -251,20 +251,24 @@ export class Volume implements BlockBackend {
     this.begin();
     this.counters.writeOps++;
     this.counters.writeBytes += data.length;
-    let replicated: Promise<unknown> = Promise.resolve();
     try {
       const aligned = this.isAligned(offsetBytes, data.length);
       const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + data.length), true);
+      let local: Promise<void>;
+      let replicated: Promise<void>;
       try {
-        const local = aligned
+        local = aligned
           ? this.deviceWrite(offsetBytes, data, fua)
           : this.readModifyWriteUnlocked(offsetBytes, data.length, fua, (span, headBytes) => data.copy(span, headBytes));
         replicated = this.replicate((replica) => replica.replicateWrite(offsetBytes, data, fua, local));
-        replicated.catch(ignore); // awaited below; a local failure must not leave it unhandled
-        await local.catch(this.failOnDeviceError);
+        await settled(local);
       } finally {
         this.rangeLock.release(lock);
       }
+      // The replicas may still be sending `data`: the caller reuses it once this settles, so
+      // this waits for them even when the local write failed.
+      await settled(replicated);
+      await local.catch(this.failOnDeviceError);
       await replicated;
     } finally {
       this.end();
@@ -276,28 +280,40 @@ export class Volume implements BlockBackend {
     await this.admitReplicas();
     this.checkDeviceWritable();
     this.begin();
-    let replicated: Promise<unknown> = Promise.resolve();
     try {
       const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + lengthBytes), true);
+      let local: Promise<void>;
+      let replicated: Promise<void>;
       try {
-        const local = this.zeroUnlocked(offsetBytes, lengthBytes, options);
+        local = this.zeroUnlocked(offsetBytes, lengthBytes, options);
         replicated = this.replicate((replica) => replica.replicateZeroes(offsetBytes, lengthBytes, options.fua, local));
-        replicated.catch(ignore);
-        await local.catch(this.failOnDeviceError);
+        await settled(local);
       } finally {
         this.rangeLock.release(lock);
       }
+      await settled(replicated);
+      await local.catch(this.failOnDeviceError);
       await replicated;
     } finally {
       this.end();
     }
   }
 
-  /** Hands one operation to every replica; the result settles when all of them have it. */
-  private replicate(hand: (replica: VolumeReplica) => Promise<void>): Promise<unknown> {
+  /** Hands one operation to every replica. The result settles only when every replica is done
+   *  (one strict mirror's refusal must not return while another still sends the payload), and
+   *  then rejects with the first refusal, if any. Handled from the start: the caller awaits it
+   *  only after the local I/O. */
+  private replicate(hand: (replica: VolumeReplica) => Promise<void>): Promise<void> {
     const replicas = this.replicas;
-    if (replicas.length === 1) return hand(replicas[0] as VolumeReplica);
-    return Promise.all(replicas.map(hand));
+    const result =
+      replicas.length === 1
+        ? hand(replicas[0] as VolumeReplica)
+        : Promise.allSettled(replicas.map(hand)).then((outcomes) => {
+            const refused = outcomes.find((outcome) => outcome.status === 'rejected');
+            if (refused !== undefined) throw (refused as PromiseRejectedResult).reason;
+          });
+    result.catch(ignore);
+    return result;
   }
 
   /** A replica in strict mode may hold new writes while its mirror is unprotected. */
@@ -310,8 +326,10 @@ export class Volume implements BlockBackend {
     this.begin();
     try {
       const replicated = this.replicas.length === 0 ? undefined : this.replicate((replica) => replica.replicateFlush());
-      replicated?.catch(ignore); // awaited after the local flush, which may take longer
-      await this.file.flush().catch(this.failOnDeviceError);
+      const local = this.file.flush();
+      await settled(local);
+      if (replicated !== undefined) await settled(replicated);
+      await local.catch(this.failOnDeviceError);
       await replicated;
     } finally {
       this.end();
@@ -632,6 +650,11 @@ export class Volume implements BlockBackend {
 }
 
 function ignore(): void {}
+
+/** Resolves when `promise` settles, either way. */
+function settled(promise: Promise<unknown>): Promise<void> {
+  return promise.then(ignore, ignore);
+}
 
 function isUnsupported(error: unknown): boolean {
   const code = (error as { code?: unknown }).code;
