@@ -11,6 +11,7 @@ import { parsePeerAddress, volumeNamePattern, type MethodParams, type PeerInfo, 
 import { readSecretFile } from '../wire/auth';
 import { describeErrno } from './errno';
 import { loadStateFile, saveStateFile, stateFileCorrupt, type StateFile } from './state-file';
+import { ChangeQueue } from './change-queue';
 
 export const peersVersion = 1;
 export const peersFileName = 'peers.json';
@@ -88,7 +89,7 @@ export class PeerManager {
   private readonly stateDir: string;
   private readonly logger: Logger;
   private readonly inUse: (name: string) => string | null;
-  private queue: Promise<unknown> = Promise.resolve();
+  private readonly changes = new ChangeQueue();
 
   constructor(options: PeerManagerOptions) {
     this.stateDir = options.stateDir;
@@ -148,7 +149,7 @@ export class PeerManager {
   }
 
   add(params: MethodParams<'peer.add'>): Promise<PeerInfo> {
-    return this.exclusive(async () => {
+    return this.changes.run(async () => {
       if (this.peers.has(params.name)) throw new BmError(ControlErrorCode.PeerExists, `peer ${params.name} already exists`);
       if (this.peers.size >= peersMax) throw new BmError(ControlErrorCode.InvalidArgument, `name: at most ${peersMax} peers may be registered`);
       const secretFile = path.resolve(params.secretFile);
@@ -167,7 +168,7 @@ export class PeerManager {
   }
 
   remove(params: MethodParams<'peer.remove'>): Promise<PeerRemoveResult> {
-    return this.exclusive(async () => {
+    return this.changes.run(async () => {
       this.get(params.name);
       const busy = this.inUse(params.name);
       if (busy !== null) throw new BmError(ControlErrorCode.PeerBusy, `peer ${params.name} not removed: ${busy}`);
@@ -185,19 +186,13 @@ export class PeerManager {
 
   /** Wait for a running change, so shutdown does not cut a registry write short. */
   async close(): Promise<void> {
-    await this.queue;
+    await this.changes.close();
   }
 
   private get(name: string): PeerRecord {
     const record = this.peers.get(name);
     if (record === undefined) throw new BmError(ControlErrorCode.PeerNotFound, `peer ${name} does not exist`);
     return record;
-  }
-
-  private exclusive<T>(change: () => Promise<T>): Promise<T> {
-    const run = this.queue.then(change);
-    this.queue = run.catch(() => undefined);
-    return run;
   }
 }
 

@@ -14,6 +14,7 @@ import type { ReplicaSource, ReplicaTarget } from '../volume/replica';
 import type { VolumeSpec } from '../volume/volume';
 import { describeErrno } from './errno';
 import { saveRegistry, volumesMax, type MirrorSourceBinding, type VolumeRecord } from './registry';
+import { ChangeQueue } from './change-queue';
 
 /** The part of an open volume the manager needs; src/volume/volume.ts's Volume satisfies it. */
 export interface OpenVolume extends BlockBackend, ReplicaSource, ReplicaTarget {
@@ -82,8 +83,7 @@ export class VolumeManager {
   private readonly connections: () => ExportConnections;
   private readonly uris: (name: string) => VolumeUris;
   private readonly inUse: (name: string) => string | null;
-  private queue: Promise<unknown> = Promise.resolve();
-  private closed = false;
+  private readonly changes = new ChangeQueue();
 
   constructor(options: VolumeManagerOptions) {
     this.stateDir = options.stateDir;
@@ -147,7 +147,7 @@ export class VolumeManager {
   }
 
   add(params: MethodParams<'volume.add'>): Promise<VolumeInfo> {
-    return this.exclusive(async () => {
+    return this.changes.run(async () => {
       const device = path.resolve(params.device);
       if (this.entries.has(params.name)) {
         throw new BmError(ControlErrorCode.VolumeExists, `volume ${params.name} already exists`);
@@ -200,7 +200,7 @@ export class VolumeManager {
   }
 
   remove(params: MethodParams<'volume.remove'>): Promise<VolumeRemoveResult> {
-    return this.exclusive(async () => {
+    return this.changes.run(async () => {
       const entry = this.get(params.name);
       const busy = this.inUse(params.name);
       if (busy !== null) throw new BmError(ControlErrorCode.VolumeBusy, `volume ${params.name} not removed: ${busy}`);
@@ -240,7 +240,7 @@ export class VolumeManager {
 
   /** Records which source a mirror volume replicates, persisted before it is relied on. */
   bindMirrorSource(name: string, binding: MirrorSourceBinding): Promise<void> {
-    return this.exclusive(async () => {
+    return this.changes.run(async () => {
       const entry = this.get(name);
       const record: VolumeRecord = { ...entry.record, mirrorSource: binding };
       try {
@@ -255,9 +255,7 @@ export class VolumeManager {
 
   /** Close every open volume (drain in-flight I/O, flush). Waits for a running change first. */
   async closeAll(): Promise<void> {
-    await this.exclusive(async () => {
-      this.closed = true;
-    });
+    await this.changes.close();
     const closing = [...this.entries.values()].map(async (entry) => {
       if (entry.volume === null) return;
       try {
@@ -313,15 +311,5 @@ export class VolumeManager {
     const failure = volume?.failure();
     if (failure !== undefined) info.reason = failure.message;
     return info;
-  }
-
-  /** Run `change` after every earlier change has finished; refuse once closed. */
-  private exclusive<T>(change: () => Promise<T>): Promise<T> {
-    const run = this.queue.then(() => {
-      if (this.closed) throw new BmError(ControlErrorCode.ShuttingDown, 'the daemon is shutting down');
-      return change();
-    });
-    this.queue = run.catch(() => undefined);
-    return run;
   }
 }

@@ -9,6 +9,7 @@ import { DirtyBitmap } from '../native/index';
 import type { ReplicaSource } from '../volume/replica';
 import { Mirror, MirrorError, newGeneration, REGION_BYTES, type MirrorTiming, type PeerEndpoint } from './mirror';
 import { mirrorsMax, mirrorsPerVolumeMax, removeBitmapFile, saveBitmapFile, saveMirrors, takeBitmapFile, type MirrorRecord } from './mirror-store';
+import { ChangeQueue } from '../daemon/change-queue';
 
 export interface MirrorManagerOptions {
   stateDir: string;
@@ -28,8 +29,7 @@ export class MirrorManager {
   private readonly dormant: MirrorRecord[] = [];
   private readonly options: MirrorManagerOptions;
   private readonly logger: Logger;
-  private queue: Promise<unknown> = Promise.resolve();
-  private closed = false;
+  private readonly changes = new ChangeQueue();
 
   constructor(options: MirrorManagerOptions) {
     this.options = options;
@@ -77,7 +77,7 @@ export class MirrorManager {
   }
 
   add(params: MethodParams<'mirror.add'>): Promise<MirrorInfo> {
-    return this.exclusive(async () => {
+    return this.changes.run(async () => {
       const source = this.options.lookupVolume(params.volume);
       if (source === undefined) throw new BmError(ControlErrorCode.VolumeNotFound, `volume ${params.volume} does not exist`);
       if (source.role === 'mirror') throw new BmError(ControlErrorCode.MirrorSource, `volume ${params.volume} is a mirror volume; only primary volumes can be mirrored`);
@@ -116,7 +116,7 @@ export class MirrorManager {
   }
 
   remove(params: MethodParams<'mirror.remove'>): Promise<MirrorRemoveResult> {
-    return this.exclusive(async () => {
+    return this.changes.run(async () => {
       const dormant = this.dormant.filter((record) => record.volume === params.volume && (params.peer === undefined || record.peer === params.peer));
       if (dormant.length === 1 && !this.mirrors.some((mirror) => mirror.key.volume === params.volume)) {
         // Not running (its volume is not online): nothing to stop, only the record to forget.
@@ -146,7 +146,7 @@ export class MirrorManager {
   }
 
   command(params: MethodParams<'mirror.suspend'>, command: 'suspend' | 'resume' | 'reset'): Promise<MirrorInfo> {
-    return this.exclusive(async () => {
+    return this.changes.run(async () => {
       const mirror = this.find(params.volume, params.peer);
       try {
         if (command === 'suspend') mirror.suspend();
@@ -168,9 +168,7 @@ export class MirrorManager {
 
   /** Stops every mirror and saves its dirty bitmap: the next start resyncs only those regions. */
   async stopAll(): Promise<void> {
-    await this.exclusive(async () => {
-      this.closed = true;
-    });
+    await this.changes.close();
     const results = await Promise.allSettled(
       this.mirrors.map(async (mirror) => {
         const dirty = await mirror.stop('daemon stopping');
@@ -240,15 +238,6 @@ export class MirrorManager {
     } catch (error) {
       throw new BmError(ControlErrorCode.StateWrite, `writing the mirror registry failed: ${errorMessage(error)}`, { cause: error });
     }
-  }
-
-  private exclusive<T>(change: () => Promise<T>): Promise<T> {
-    const run = this.queue.then(() => {
-      if (this.closed) throw new BmError(ControlErrorCode.ShuttingDown, 'the daemon is shutting down');
-      return change();
-    });
-    this.queue = run.catch(() => undefined);
-    return run;
   }
 }
 

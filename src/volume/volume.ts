@@ -245,38 +245,39 @@ export class Volume implements BlockBackend {
    * window: overlapping writes reach the local device and every mirror in the same order, and
    * a mirror's copy read (readForCopy) falls wholly before or after each write.
    */
-  private async writeReplicated(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
-    await this.admitReplicas();
-    this.checkDeviceWritable();
-    this.begin();
-    this.counters.writeOps++;
-    this.counters.writeBytes += data.length;
-    try {
-      const aligned = this.isAligned(offsetBytes, data.length);
-      const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + data.length), true);
-      let local: Promise<void>;
-      let replicated: Promise<void>;
-      try {
-        local = aligned
-          ? this.deviceWrite(offsetBytes, data, fua)
-          : this.readModifyWriteUnlocked(offsetBytes, data.length, fua, (span, headBytes) => data.copy(span, headBytes));
-        replicated = this.replicate((replica) => replica.replicateWrite(offsetBytes, data, fua, local));
-        await settled(local);
-      } finally {
-        this.rangeLock.release(lock);
-      }
-      // The replicas may still be sending `data`: the caller reuses it once this settles, so
-      // this waits for them even when the local write failed.
-      await settled(replicated);
-      await local.catch(this.failOnDeviceError);
-      await replicated;
-    } finally {
-      this.end();
-    }
+  private writeReplicated(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
+    const aligned = this.isAligned(offsetBytes, data.length);
+    return this.changeReplicated(
+      offsetBytes,
+      data.length,
+      () => {
+        this.counters.writeOps++;
+        this.counters.writeBytes += data.length;
+        if (aligned) return this.deviceWrite(offsetBytes, data, fua);
+        return this.readModifyWriteUnlocked(offsetBytes, data.length, fua, (span, headBytes) => data.copy(span, headBytes));
+      },
+      (replica, local) => replica.replicateWrite(offsetBytes, data, fua, local),
+    );
   }
 
   /** Zeroing (and trim, which becomes zeroing) while mirrors are attached; ordered like writes. */
-  private async writeZeroesReplicated(offsetBytes: number, lengthBytes: number, options: WriteZeroesOptions): Promise<void> {
+  private writeZeroesReplicated(offsetBytes: number, lengthBytes: number, options: WriteZeroesOptions): Promise<void> {
+    return this.changeReplicated(
+      offsetBytes,
+      lengthBytes,
+      () => this.zeroUnlocked(offsetBytes, lengthBytes, options),
+      (replica, local) => replica.replicateZeroes(offsetBytes, lengthBytes, options.fua, local),
+    );
+  }
+
+  /** Runs one change of [offset, offset + length) locally and hands it to every replica, under
+   *  the exclusive lock of its sector span (the ordering contract of replica.ts). */
+  private async changeReplicated(
+    offsetBytes: number,
+    lengthBytes: number,
+    change: () => Promise<void>,
+    hand: (replica: VolumeReplica, local: Promise<void>) => Promise<void>,
+  ): Promise<void> {
     await this.admitReplicas();
     this.checkDeviceWritable();
     this.begin();
@@ -285,12 +286,14 @@ export class Volume implements BlockBackend {
       let local: Promise<void>;
       let replicated: Promise<void>;
       try {
-        local = this.zeroUnlocked(offsetBytes, lengthBytes, options);
-        replicated = this.replicate((replica) => replica.replicateZeroes(offsetBytes, lengthBytes, options.fua, local));
+        local = change();
+        replicated = this.replicate((replica) => hand(replica, local));
         await settled(local);
       } finally {
         this.rangeLock.release(lock);
       }
+      // The replicas may still be sending the caller's data, which it reuses once this settles:
+      // wait for them even when the local change failed.
       await settled(replicated);
       await local.catch(this.failOnDeviceError);
       await replicated;

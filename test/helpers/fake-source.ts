@@ -4,7 +4,6 @@
 // injected by the test: a slow or failing local write, a target that refuses or loses writes, a
 // TCP proxy cut (test/helpers/tcp-proxy.ts), a persist() that throws.
 import crypto from 'node:crypto';
-import { setTimeout as sleep } from 'node:timers/promises';
 import pino, { type Logger } from 'pino';
 import { Mirror, type MirrorTiming } from '../../src/replication/mirror';
 import type { MirrorRecord } from '../../src/replication/mirror-store';
@@ -12,6 +11,7 @@ import { ReplicationServer } from '../../src/replication/target-server';
 import type { MirrorSourceBinding } from '../../src/daemon/registry';
 import type { BlockBackendInfo } from '../../src/volume/backend';
 import type { ReplicaSource, ReplicaTarget, VolumeReplica } from '../../src/volume/replica';
+export { settlesWithin, waitFor } from './async';
 
 interface Teardown {
   teardown(fn: () => void | Promise<void>): void;
@@ -242,23 +242,4 @@ export function startMirror(
   return { mirror, saved: () => saved };
 }
 
-/** Polls `condition` every few ms; throws after `timeoutMs` so a regression fails, not hangs. */
-export async function waitFor(condition: () => boolean, what: string, timeoutMs = 5000): Promise<void> {
-  const deadline = performance.now() + timeoutMs;
-  while (!condition()) {
-    if (performance.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(5);
-  }
-}
 
-/** Whether `promise` settles within `ms` (it keeps running either way). */
-export async function settlesWithin(promise: Promise<unknown>, ms: number): Promise<boolean> {
-  let settled = false;
-  promise.then(
-    () => (settled = true),
-    () => (settled = true),
-  );
-  const deadline = performance.now() + ms;
-  while (!settled && performance.now() < deadline) await sleep(2);
-  return settled;
-}

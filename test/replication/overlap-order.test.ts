@@ -2,22 +2,7 @@
 // never land after a newer client write), everything else concurrently.
 import t from 'tap';
 import { OverlapOrder } from '../../src/replication/overlap-order';
-
-interface Deferred<T> {
-  promise: Promise<T>;
-  resolve(value: T): void;
-  reject(error: Error): void;
-}
-
-function deferred<T = void>(): Deferred<T> {
-  let resolve!: (value: T) => void;
-  let reject!: (error: Error) => void;
-  const promise = new Promise<T>((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  return { promise, resolve, reject };
-}
+import { deferred, type Deferred } from '../helpers/async';
 
 /** Lets every pending promise callback (and a macrotask turn) run. */
 async function settle(): Promise<void> {

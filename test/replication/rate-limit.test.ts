@@ -4,23 +4,13 @@
 import t from 'tap';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { RateLimit } from '../../src/replication/rate-limit';
+import { settlesWithin } from '../helpers/async';
 
 class FakeClock {
   ms = 1000;
   readonly now = (): number => this.ms;
 }
 
-/** Whether `promise` settles within `ms` of real time. */
-async function settlesWithin(promise: Promise<unknown>, ms: number): Promise<boolean> {
-  let settled = false;
-  promise.then(
-    () => (settled = true),
-    () => (settled = true),
-  );
-  const deadline = performance.now() + ms;
-  while (!settled && performance.now() < deadline) await sleep(2);
-  return settled;
-}
 
 async function pollUntil(condition: () => boolean, timeoutMs: number): Promise<boolean> {
   const deadline = performance.now() + timeoutMs;

@@ -4,32 +4,18 @@
 // and when, over a real O_DIRECT scratch device.
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
-import { setTimeout as sleep } from 'node:timers/promises';
 import pino from 'pino';
 import { allocAligned } from '../../src/native/index';
 import type { VolumeReplica } from '../../src/volume/replica';
 import { Volume } from '../../src/volume/volume';
 import { scratchDevice } from '../helpers/loop';
+import { deferred, settlesWithin, waitFor } from '../helpers/async';
 
 const logger = pino({ level: 'silent' });
 const sizeBytes = 4 * 1024 * 1024;
 const KiB = 1024;
 
-interface Deferred<T = void> {
-  promise: Promise<T>;
-  resolve(value: T): void;
-  reject(error: Error): void;
-}
 
-function deferred<T = void>(): Deferred<T> {
-  let resolve!: (value: T) => void;
-  let reject!: (error: Error) => void;
-  const promise = new Promise<T>((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  return { promise, resolve, reject };
-}
 
 interface DataCall {
   kind: 'write' | 'zeroes';
@@ -99,26 +85,7 @@ async function readBack(volume: Volume, offsetBytes: number, lengthBytes: number
   return copy;
 }
 
-/** Whether `promise` settles within `ms` of real time (it keeps running either way). */
-async function settlesWithin(promise: Promise<unknown>, ms: number): Promise<boolean> {
-  let settled = false;
-  promise.then(
-    () => (settled = true),
-    () => (settled = true),
-  );
-  const deadline = performance.now() + ms;
-  while (!settled && performance.now() < deadline) await sleep(2);
-  return settled;
-}
 
-/** Polls `condition` until it holds; throws after `timeoutMs` so a regression fails, not hangs. */
-async function waitFor(condition: () => boolean, what: string, timeoutMs = 2000): Promise<void> {
-  const deadline = performance.now() + timeoutMs;
-  while (!condition()) {
-    if (performance.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(1);
-  }
-}
 
 const noZeroFlags = { noHole: false, fastZero: false };
 
