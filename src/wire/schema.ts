@@ -39,28 +39,29 @@ export function schemaMessageKinds(): string[] {
   return [...bodyKinds];
 }
 
+// longs: Number is only safe because checkDecodedRange refuses, before the conversion, every
+// 64-bit value above 2^53 - 1 (protobufjs would round it silently).
 const TO_OBJECT_OPTIONS: protobuf.IConversionOptions = {
-  longs: String,
+  longs: Number,
   enums: String,
   defaults: true,
   arrays: true,
   oneofs: true,
 };
 
-/** Converts a toObject() result in place: 64-bit strings -> numbers, null sub-messages dropped,
- *  unknown enum numbers -> the enum's zero (UNSPECIFIED) name. */
-function normalizeDecoded(type: protobuf.Type, object: Record<string, unknown>, where: string): void {
+/** Converts a toObject() result in place: null sub-messages dropped, unknown enum numbers ->
+ *  the enum's zero (UNSPECIFIED) name. */
+function normalizeDecoded(type: protobuf.Type, object: Record<string, unknown>): void {
   for (const field of type.fieldsArray) {
     const value = object[field.name];
     if (value === null || value === undefined) {
       delete object[field.name];
       continue;
     }
-    const fieldWhere = `${where}.${field.name}`;
     const resolved = field.resolvedType;
     if (resolved instanceof protobuf.Type) {
       const items = field.repeated ? (value as Record<string, unknown>[]) : [value as Record<string, unknown>];
-      for (const item of items) normalizeDecoded(resolved, item, fieldWhere);
+      for (const item of items) normalizeDecoded(resolved, item);
     } else if (resolved instanceof protobuf.Enum) {
       const zeroName = resolved.valuesById[0];
       assert(zeroName !== undefined, `enum ${resolved.name} has a zero value`);
@@ -69,50 +70,83 @@ function normalizeDecoded(type: protobuf.Type, object: Record<string, unknown>, 
       } else if (typeof value === 'number') {
         object[field.name] = zeroName;
       }
-    } else if (LONG_TYPES.has(field.type)) {
-      object[field.name] = field.repeated
-        ? (value as string[]).map((item, index) => safeNumber(item, `${fieldWhere}[${index}]`))
-        : safeNumber(value as string, fieldWhere);
     }
   }
 }
 
-function safeNumber(decimal: string, where: string): number {
-  const value = Number(decimal);
-  if (!Number.isSafeInteger(value)) {
-    throw new WireError('BM_ERR_WIRE_RANGE', `${where} = ${decimal} is not a safe integer`);
+interface LongBits {
+  low: number;
+  high: number;
+  unsigned: boolean;
+  toString(): string;
+}
+
+/** Refuses, on the decoded message, every 64-bit value that is not a safe integer. protobufjs
+ *  gives them as Long objects (or numbers); the check reads the high word, no decimal strings. */
+function checkDecodedRange(type: protobuf.Type, message: Record<string, unknown>, where: () => string): void {
+  for (const field of type.fieldsArray) {
+    const value = message[field.name];
+    if (value === null || value === undefined) continue;
+    const items = field.repeated ? (value as unknown[]) : [value];
+    if (field.resolvedType instanceof protobuf.Type) {
+      const nested = field.resolvedType;
+      for (const item of items) checkDecodedRange(nested, item as Record<string, unknown>, () => `${where()}.${field.name}`);
+    } else if (LONG_TYPES.has(field.type)) {
+      for (const item of items) {
+        if (isSafe64(item, field.type === 'uint64' || field.type === 'fixed64')) continue;
+        throw new WireError('BM_ERR_WIRE_RANGE', `${where()}.${field.name} = ${String(item)} is not a safe integer`);
+      }
+    }
   }
-  return value;
+}
+
+function isSafe64(value: unknown, unsigned: boolean): boolean {
+  if (typeof value === 'number') return Number.isSafeInteger(value) && (!unsigned || value >= 0);
+  const long = value as LongBits;
+  if (unsigned) return long.high >>> 0 <= 0x1fffff; // < 2^53
+  // Signed: within [-(2^53 - 1), 2^53 - 1]; the high word alone decides all but the edge.
+  const number = long.high * 2 ** 32 + (long.low >>> 0);
+  return Number.isSafeInteger(number);
 }
 
 /** Checks, before encoding, that every 64-bit field is a safe integer of the right sign:
- *  protobufjs would otherwise encode 1.5 or 2^60 + 1 as something else. */
-function checkEncodable(type: protobuf.Type, object: Record<string, unknown>, where: string): void {
+ *  protobufjs would otherwise encode 1.5 or 2^60 + 1 as something else. `where` is built only
+ *  for the error: this runs for every frame sent. */
+function checkEncodable(type: protobuf.Type, object: Record<string, unknown>, where: () => string): void {
   for (const field of type.fieldsArray) {
     const value = object[field.name];
     if (value === null || value === undefined) continue;
-    const fieldWhere = `${where}.${field.name}`;
     const items = field.repeated ? (value as unknown[]) : [value];
     if (field.resolvedType instanceof protobuf.Type) {
-      for (const item of items) checkEncodable(field.resolvedType, item as Record<string, unknown>, fieldWhere);
+      const nested = field.resolvedType;
+      for (const item of items) checkEncodable(nested, item as Record<string, unknown>, () => `${where()}.${field.name}`);
     } else if (LONG_TYPES.has(field.type)) {
+      const unsigned = field.type === 'uint64' || field.type === 'fixed64';
       for (const item of items) {
-        const unsigned = field.type === 'uint64' || field.type === 'fixed64';
         if (typeof item !== 'number' || !Number.isSafeInteger(item) || (unsigned && item < 0)) {
-          throw new WireError('BM_ERR_WIRE_RANGE', `${fieldWhere} = ${String(item)} is not a safe integer`);
+          throw new WireError('BM_ERR_WIRE_RANGE', `${where()}.${field.name} = ${String(item)} is not a safe integer`);
         }
       }
     }
   }
 }
 
+/** Body type per Envelope member, resolved once. */
+const bodyTypes: ReadonlyMap<string, protobuf.Type> = new Map(
+  bodyOneof.fieldsArray.map((field) => {
+    assert(field.resolvedType instanceof protobuf.Type, `Envelope.${field.name} is a message`);
+    return [field.name, field.resolvedType];
+  }),
+);
+
 export function encodeHeader(message: WireMessage): Uint8Array {
   if (!bodyKinds.has(message.kind)) {
     throw new WireError('BM_ERR_WIRE_UNKNOWN_MESSAGE', `unknown message kind ${String(message.kind)}`);
   }
-  const envelopeObject = { [message.kind]: message.body } as Record<string, unknown>;
-  checkEncodable(Envelope, envelopeObject, 'Envelope');
-  return Envelope.encode(Envelope.fromObject(envelopeObject)).finish();
+  const bodyType = bodyTypes.get(message.kind);
+  assert(bodyType !== undefined);
+  checkEncodable(bodyType, message.body as unknown as Record<string, unknown>, () => `Envelope.${message.kind}`);
+  return Envelope.encode(Envelope.fromObject({ [message.kind]: message.body })).finish();
 }
 
 export function decodeHeader(header: Uint8Array): WireMessage {
@@ -122,15 +156,15 @@ export function decodeHeader(header: Uint8Array): WireMessage {
   } catch (error) {
     throw new WireError('BM_ERR_WIRE_DECODE', `Envelope decode failed: ${(error as Error).message}`);
   }
-  const object = Envelope.toObject(decoded, TO_OBJECT_OPTIONS) as Record<string, unknown>;
-  const kind = object.body;
-  if (typeof kind !== 'string' || !bodyKinds.has(kind)) {
+  const kind = (decoded as unknown as { body?: unknown }).body;
+  const bodyType = typeof kind === 'string' ? bodyTypes.get(kind) : undefined;
+  if (typeof kind !== 'string' || bodyType === undefined) {
     throw new WireError('BM_ERR_WIRE_UNKNOWN_MESSAGE', 'Envelope has no body this version knows');
   }
-  const bodyField = Envelope.fields[kind];
-  assert(bodyField?.resolvedType instanceof protobuf.Type);
+  checkDecodedRange(bodyType, (decoded as unknown as Record<string, Record<string, unknown>>)[kind] as Record<string, unknown>, () => kind);
+  const object = Envelope.toObject(decoded, TO_OBJECT_OPTIONS) as Record<string, unknown>;
   const body = object[kind] as Record<string, unknown>;
-  normalizeDecoded(bodyField.resolvedType, body, kind);
+  normalizeDecoded(bodyType, body);
   return { kind: kind as MessageKind, body } as unknown as WireMessage;
 }
 
