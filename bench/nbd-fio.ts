@@ -5,9 +5,10 @@
 //
 //   npm run bench                      # defaults: 5 s per job, 3 rounds, 1 GiB device
 //   BENCH_RUNTIME=10 BENCH_ROUNDS=3 npm run bench
-import { ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Children, createLoopDevice, detachLoopDevices, median, MiB, p50Us, repoRoot, runFio, timestampForFile, waitForPath } from './lib';
 
 interface Job {
   name: string;
@@ -32,102 +33,33 @@ const jobs: Job[] = [
   { name: '1M seqread QD8', rw: 'read', blockSize: '1M', ioDepth: 8, unit: 'MB/s' },
 ];
 
-const repoRoot = resolve(__dirname, '..', '..');
 const runtimeSeconds = Number(process.env.BENCH_RUNTIME ?? 5);
 const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
-const deviceBytes = Number(process.env.BENCH_DEVICE_MIB ?? 1024) * 1024 * 1024;
+const deviceBytes = Number(process.env.BENCH_DEVICE_MIB ?? 1024) * MiB;
 
-/** The node flags the daemon's own shebang asks for, so the benchmark runs what users run. */
-function daemonNodeFlags(): string[] {
-  const shebang = readFileSync(join(repoRoot, 'bin/blockmirrord.js'), 'utf8').split('\n')[0];
-  const match = /^#!\/usr\/bin\/env -S node(.*)$/.exec(shebang);
-  return match === null ? [] : match[1].trim().split(/\s+/).filter((flag) => flag !== '');
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function waitForPath(path: string, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!existsSync(path)) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${path}`);
-    await sleep(50);
-  }
-}
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = Math.floor(sorted.length / 2);
-  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
-}
-
-function runFio(uri: string, job: Job, outputFile: string): Figure {
-  execFileSync(
-    'fio',
-    [
-      '--name=bench',
-      '--ioengine=nbd',
-      `--uri=${uri}`,
-      `--rw=${job.rw}`,
-      `--bs=${job.blockSize}`,
-      `--iodepth=${job.ioDepth}`,
-      '--time_based',
-      `--runtime=${runtimeSeconds}`,
-      '--ramp_time=1',
-      '--output-format=json',
-      `--output=${outputFile}`,
-    ],
-    { stdio: ['ignore', 'ignore', 'inherit'] },
+async function nbdFio(uri: string, job: Job, outputFile: string): Promise<Figure> {
+  const side = await runFio(
+    ['--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--rw=${job.rw}`, `--bs=${job.blockSize}`, `--iodepth=${job.ioDepth}`, '--time_based', `--runtime=${runtimeSeconds}`, '--ramp_time=1'],
+    job.rw.includes('write') ? 'write' : 'read',
+    outputFile,
   );
-  const report = JSON.parse(readFileSync(outputFile, 'utf8'));
-  const side = job.rw.includes('write') ? report.jobs[0].write : report.jobs[0].read;
-  const value = job.unit === 'IOPS' ? side.iops : side.bw_bytes / 1e6;
-  const p50LatencyUs = side.clat_ns.percentile['50.000000'] / 1000;
-  return { value, p50LatencyUs };
+  return { value: job.unit === 'IOPS' ? side.iops : side.bw_bytes / 1e6, p50LatencyUs: p50Us(side) };
 }
 
 async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('the benchmark needs root (losetup)');
   const work = mkdtempSync('/dev/shm/bm-bench-');
-  const backing = join(work, 'device.img');
-  writeFileSync(backing, '');
-  truncateSync(backing, deviceBytes);
   // Fill once so reads hit allocated tmpfs pages for both servers alike.
-  execFileSync('dd', [`if=/dev/zero`, `of=${backing}`, 'bs=1M', `count=${deviceBytes / 1048576}`, 'conv=notrunc', 'status=none']);
-  const loop = execFileSync('losetup', ['--direct-io=on', '-f', '--show', backing], { encoding: 'utf8' }).trim();
-  const children: ChildProcess[] = [];
-  /** SIGTERM both servers and wait for them to exit, so the loop device is free to detach. */
-  const cleanup = async (): Promise<void> => {
-    await Promise.all(
-      children.map(async (child) => {
-        if (child.exitCode !== null || child.signalCode !== null) return;
-        const exited = new Promise((resolve) => child.once('exit', resolve));
-        child.kill('SIGTERM');
-        const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
-        await exited;
-        clearTimeout(timer);
-      }),
-    );
-  };
+  const loop = createLoopDevice(work, 'device.img', deviceBytes, { zeroFill: true });
+  const children = new Children();
   try {
     const controlSocket = join(work, 'control.sock');
     const nbdSocket = join(work, 'nbd.sock');
-    const daemon = spawn(
-      process.execPath,
-      [...daemonNodeFlags(), join(repoRoot, 'bin/blockmirrord.js'), '--control-socket', controlSocket, '--nbd-socket', nbdSocket,
-        '--state-dir', join(work, 'state'), '--log-level', 'warn'],
-      { stdio: ['ignore', 'ignore', 'inherit'] },
-    );
-    children.push(daemon);
-    await waitForPath(controlSocket, 10000);
-    execFileSync(process.execPath, [join(repoRoot, 'bin/blockmirror.js'), '--socket', controlSocket, 'volume', 'add', 'bench', '--device', loop]);
+    await children.startDaemon(['--control-socket', controlSocket, '--nbd-socket', nbdSocket, '--state-dir', join(work, 'state'), '--log-level', 'warn'], controlSocket);
+    execFileSync(process.execPath, [join(repoRoot, 'bin/blockmirror.js'), '--socket', controlSocket, 'volume', 'add', 'bench', '--device', loop.path]);
 
     const qemuSocket = join(work, 'qemu.sock');
-    const qemu = spawn('qemu-nbd', ['-t', '-k', qemuSocket, '-f', 'raw', '-x', 'bench', '--cache=none', '--aio=native', '--discard=unmap', loop], {
-      stdio: ['ignore', 'ignore', 'inherit'],
-    });
-    children.push(qemu);
+    children.spawn('qemu-nbd', ['-t', '-k', qemuSocket, '-f', 'raw', '-x', 'bench', '--cache=none', '--aio=native', '--discard=unmap', loop.path]);
     await waitForPath(qemuSocket, 10000);
 
     const servers = {
@@ -141,7 +73,7 @@ async function main(): Promise<void> {
         // Alternate which server goes first so drift in the machine affects both alike.
         const order = round % 2 === 0 ? (['blockmirrord', 'qemu-nbd'] as const) : (['qemu-nbd', 'blockmirrord'] as const);
         for (const server of order) {
-          const figure = runFio(servers[server], job, join(work, 'fio.json'));
+          const figure = await nbdFio(servers[server], job, join(work, 'fio.json'));
           samples[job.name][server].push(figure);
           process.stderr.write(`  ${job.name} ${server}: ${figure.value.toFixed(0)} ${job.unit}, p50 ${figure.p50LatencyUs.toFixed(1)} us\n`);
         }
@@ -173,16 +105,13 @@ async function main(): Promise<void> {
     }
     const resultsDir = join(repoRoot, 'bench', 'results');
     mkdirSync(resultsDir, { recursive: true });
-    const file = join(resultsDir, `nbd-fio-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
+    const file = join(resultsDir, `nbd-fio-${timestampForFile()}.json`);
     writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), runtimeSeconds, rounds, deviceBytes, rows, samples }, null, 2));
     console.log(`\nwrote ${file}`);
   } finally {
-    await cleanup();
-    try {
-      execFileSync('losetup', ['-d', loop]);
-    } catch (error) {
-      console.error(`losetup -d ${loop}: ${(error as Error).message}`);
-    }
+    // SIGTERM both servers and wait for them to exit, so the loop device is free to detach.
+    await children.stopAll();
+    detachLoopDevices([loop]);
     rmSync(work, { recursive: true, force: true });
   }
 }
