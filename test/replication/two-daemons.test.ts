@@ -5,9 +5,12 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
+import * as P from '../../src/nbd/protocol';
+import { deviceFlushCount } from '../helpers/block-stat';
 import { haveTool, runTool } from '../helpers/daemon';
-import { scratchDir } from '../helpers/loop';
+import { isRoot, scratchDir } from '../helpers/loop';
 import { deviceSha256, qemuIo, startMirrorPair, type MirrorPair } from '../helpers/mirror-pair';
+import { NbdTestClient } from '../helpers/nbd-client';
 
 const MiB = 1024 * 1024;
 const skip = haveTool('qemu-io') && haveTool('fio') ? false : 'needs qemu-io and fio';
@@ -224,4 +227,50 @@ t.test('a mirror volume being written is not removable; a mirror whose source is
   t.same((await pair.source.request('mirror.list')).mirrors, []);
   const removed = await pair.source.request('volume.remove', { name: 'vol0' });
   t.equal(removed.name, 'vol0', 'with the mirror gone, the volume can be removed');
+});
+
+const skipUnlessLoop = skip !== false ? skip : isRoot ? false : 'needs loop devices (root) to read the block layer flush counter';
+
+t.test('sync mode: FLUSH and FUA reach the target device before the client sees them acknowledged', { skip: skipUnlessLoop }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 16 * MiB });
+  await pair.addMirror();
+  await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC');
+  // An in-process client, so nothing else is sent (qemu-io flushes when it closes the image).
+  // The mirror also flushes the target once a second while it holds unflushed data, so each
+  // check is repeated: a pass by coincidence in all rounds is very unlikely.
+  const { client } = await NbdTestClient.open(pair.source.paths.nbdSocket, 'vol0');
+  t.teardown(() => client.destroy());
+  for (let round = 0; round < 3; round++) {
+    const beforeFua = deviceFlushCount(pair.targetDevice.path);
+    const fua = await client.request({ type: P.NBD_CMD_WRITE, flags: P.NBD_CMD_FLAG_FUA, offsetBytes: (8 + round) * MiB, payload: Buffer.alloc(64 * 1024, 0x40 + round) });
+    t.equal(fua.error, 0);
+    t.ok(deviceFlushCount(pair.targetDevice.path) > beforeFua, `round ${round}: a FUA write was durable on the target before its reply`);
+    t.equal((await client.request({ type: P.NBD_CMD_WRITE, offsetBytes: round * MiB, payload: Buffer.alloc(256 * 1024, 0x30 + round) })).error, 0);
+    const beforeFlush = deviceFlushCount(pair.targetDevice.path);
+    t.equal((await client.request({ type: P.NBD_CMD_FLUSH })).error, 0);
+    t.ok(deviceFlushCount(pair.targetDevice.path) > beforeFlush, `round ${round}: NBD FLUSH flushed the target device before its reply`);
+  }
+  // And the data is there when the target daemon dies at once.
+  await pair.target.stop('SIGKILL');
+  const head = await runTool('dd', [`if=${pair.targetDevice.path}`, 'iflag=direct', 'bs=64k', 'skip=128', 'count=1', 'status=none']);
+  t.ok(head.stdoutBytes.length === 64 * 1024 && head.stdoutBytes.every((byte) => byte === 0x40), 'the FUA write is on the target device after SIGKILL');
+});
+
+t.test('a stalled link: writes go on after the ack timeout, the mirror recovers when the path resumes', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 16 * MiB, proxy: true });
+  const proxy = pair.proxy;
+  if (proxy === undefined) throw new Error('proxy expected');
+  await pair.addMirror();
+  await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC');
+  proxy.stall();
+  const started = performance.now();
+  const written = await qemuIo(pair.sourceUri, ['write -P 0x55 1M 1M']);
+  const waitedMs = performance.now() - started;
+  t.notMatch(written.output, /error|failed/i, 'the write succeeds locally');
+  t.ok(waitedMs >= 2000, `it waited for the target until the ack timeout (${Math.round(waitedMs)} ms)`);
+  const cracked = await pair.waitFor((status) => status.state !== 'INSYNC', 'a crack');
+  t.ok(cracked.dirtyBytes >= 1 * MiB, 'the unacknowledged write is dirty');
+  proxy.resume();
+  await pair.waitFor((status) => status.state === 'INSYNC' && status.dirtyBytes === 0, 'INSYNC after the stall');
+  await expectEqualDevices(t, pair);
 });
