@@ -34,6 +34,9 @@ export interface MirrorPair {
   targetPort: number;
   sourceUri: string;
   targetUri: string;
+  /** The secret file the source uses, and the one the target expects. */
+  sourceSecretFile: string;
+  targetSecretFile: string;
   restartTarget(): Promise<void>;
   restartSource(): Promise<void>;
   addMirror(options?: { onDisconnect?: 'continue' | 'block'; maxRateBytesPerSec?: number }): Promise<MirrorStatus>;
@@ -102,6 +105,8 @@ export async function startMirrorPair(t: TestLike, options: MirrorPairOptions): 
     targetDevice,
     proxy,
     targetPort,
+    sourceSecretFile,
+    targetSecretFile: secretFile,
     sourceUri: `nbd+unix:///vol0?socket=${sourcePaths.nbdSocket}`,
     targetUri: `nbd+unix:///vol0?socket=${targetPaths.nbdSocket}`,
     async restartTarget() {

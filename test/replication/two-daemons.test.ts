@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import * as P from '../../src/nbd/protocol';
 import { deviceFlushCount } from '../helpers/block-stat';
-import { haveTool, runTool } from '../helpers/daemon';
+import { haveTool, runCli, runTool } from '../helpers/daemon';
 import { isRoot, scratchDir } from '../helpers/loop';
 import { deviceSha256, qemuIo, startMirrorPair, type MirrorPair } from '../helpers/mirror-pair';
 import { NbdTestClient } from '../helpers/nbd-client';
@@ -179,6 +179,52 @@ t.test('wrong secret -> refused, ERROR BM_ERR_AUTH_FAILED, nothing written, logg
   const refusal = pair.target.logs().find((line) => line.msg === 'replication connection refused: authentication failed');
   t.ok(refusal, 'the target logged the refusal');
   t.match(refusal, { remote: /^127\.0\.0\.1:\d+$/, code: 'BM_ERR_AUTH_FAILED' });
+
+  // The admin fixes the secret and resumes: the mirror copies and gets in sync.
+  const reset = await pair.source.request('mirror.reset', { volume: 'vol0', peer: 'nobody' }).catch((error: unknown) => error);
+  t.match(reset, { code: 'BM_ERR_MIRROR_NOT_FOUND' });
+  writeFileSync(pair.sourceSecretFile, readFileSync(pair.targetSecretFile));
+  const resumed = await runCli(['--socket', pair.source.paths.controlSocket, 'mirror', 'resume', 'vol0']);
+  t.equal(resumed.code, 0, resumed.stderr);
+  await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC after the secret was fixed');
+  await expectEqualDevices(t, pair);
+});
+
+t.test('suspend and resume from the CLI: writes while suspended are dirty, then only they are sent; human and --json status', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 16 * MiB, fillBytes: 2 * MiB });
+  const cli = (...args: string[]): ReturnType<typeof runCli> => runCli(['--socket', pair.source.paths.controlSocket, ...args]);
+  const added = await cli('mirror', 'add', 'vol0', '--peer', 'hostB', '--target', 'vol0', '--max-rate', '64M');
+  t.equal(added.code, 0, added.stderr);
+  t.match(added.stdout, /^mirror:\s+vol0 -> hostB:vol0$/m);
+  t.match(added.stdout, /^mode:\s+sync, on disconnect continue, copy capped at 64\.0 MiB\/s$/m);
+  await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC');
+
+  const suspended = await cli('mirror', 'suspend', 'vol0');
+  t.equal(suspended.code, 0, suspended.stderr);
+  const paused = await pair.waitFor((status) => status.state === 'INIT', 'INIT (suspended)');
+  t.equal(paused.linkUp, false);
+  const written = await qemuIo(pair.sourceUri, ['write -P 0x21 3M 128k', 'flush']);
+  t.notMatch(written.output, /error|failed/i, 'writes go on while suspended');
+  const human = await cli('mirror', 'status', 'vol0');
+  t.match(human.stdout, /^state:\s+INIT \(suspended\) since /m);
+  t.match(human.stdout, /^progress:\s+.*128 KiB to go of 16\.0 MiB\)$/m);
+  const list = await cli('mirror', 'list');
+  t.match(list.stdout, /^vol0\s+hostB\s+vol0\s+INIT \(suspended\)\s+sync\s+/m);
+  const twice = await cli('mirror', 'suspend', 'vol0');
+  t.equal(twice.code, 1);
+  t.match(twice.stderr, /BM_ERR_MIRROR_COMMAND_NOT_ALLOWED/);
+
+  const before = await pair.status();
+  t.equal((await cli('mirror', 'resume', 'vol0')).code, 0);
+  const insync = await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC after resume');
+  const resent = insync.sent.copyBytes + insync.sent.zeroBytes - (before.sent.copyBytes + before.sent.zeroBytes);
+  t.equal(resent, 128 * 1024, 'only the two 64 KiB regions written while suspended were sent');
+  const json = JSON.parse((await cli('--json', 'mirror', 'status', 'vol0')).stdout);
+  t.match(json.mirrors, [{ volume: 'vol0', peer: 'hostB', target: 'vol0', state: 'INSYNC', dirtyBytes: 0, progressPercent: 100, suspended: false }]);
+  await expectEqualDevices(t, pair);
+  const removed = await cli('mirror', 'remove', 'vol0');
+  t.equal(removed.code, 0, removed.stderr);
+  t.equal(removed.stdout, 'removed mirror of vol0 on hostB\n');
 });
 
 t.test('--on-disconnect block holds writes while the target is gone, releases them in sync', { skip }, async (t) => {
