@@ -378,33 +378,25 @@ export class Volume implements BlockBackend {
     this.checkRange(offsetBytes, lengthBytes);
     this.checkFastZero(options);
     if (this.replicas.length > 0) return this.writeZeroesReplicated(offsetBytes, lengthBytes, options);
-    this.begin();
-    try {
-      // Whole sectors only: shared, like writes. Unaligned edges are read-modify-write: exclusive.
-      const exclusive = !this.isAligned(offsetBytes, lengthBytes);
-      const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + lengthBytes), exclusive);
-      try {
-        await this.zeroUnlocked(offsetBytes, lengthBytes, options);
-      } finally {
-        this.rangeLock.release(lock);
-      }
-    } catch (error) {
-      this.failOnDeviceError(error);
-    } finally {
-      this.end();
-    }
+    // Whole sectors only: shared, like writes. Unaligned edges are read-modify-write: exclusive.
+    return this.zeroLocked(offsetBytes, lengthBytes, options, !this.isAligned(offsetBytes, lengthBytes));
   }
 
-  /** The mirror service's zeroing of a mirror volume (a write-zeroes frame from the source). */
+  /** The mirror service's zeroing of a mirror volume (a write-zeroes frame from the source),
+   *  exclusive like the source's replicated zeroing. */
   async mirrorWriteZeroes(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void> {
     if (this.spec.role !== 'mirror') throw new VolumeError('EPERM', `volume ${this.spec.name} is not a mirror volume`);
     this.checkDeviceWritable();
     this.checkPeerRange(offsetBytes, lengthBytes);
+    return this.zeroLocked(offsetBytes, lengthBytes, { fua, noHole: false, fastZero: false }, true);
+  }
+
+  private async zeroLocked(offsetBytes: number, lengthBytes: number, options: WriteZeroesOptions, exclusive: boolean): Promise<void> {
     this.begin();
     try {
-      const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + lengthBytes), true);
+      const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + lengthBytes), exclusive);
       try {
-        await this.zeroUnlocked(offsetBytes, lengthBytes, { fua, noHole: false, fastZero: false });
+        await this.zeroUnlocked(offsetBytes, lengthBytes, options);
       } finally {
         this.rangeLock.release(lock);
       }
