@@ -63,6 +63,7 @@ export function formatVolumeInfo(volume: VolumeInfo): string {
     ['size', volume.sizeBytes === null ? '-' : `${formatSize(volume.sizeBytes)} (${volume.sizeBytes} bytes)`],
     ['sectors', volume.logicalSectorBytes === null ? '-' : `${volume.logicalSectorBytes} logical, ${volume.physicalSectorBytes} physical`],
     ['role', volume.role],
+    ['fast resync', volume.fastResync ? 'on' : 'off'],
     ['mode', volume.readOnly ? 'read-only' : volume.role === 'mirror' ? 'read-only to clients (mirror target)' : 'read-write'],
     ['connections', String(volume.connections)],
     ['nbd uri', volume.nbdUri],
@@ -146,7 +147,7 @@ export function formatMirrorStatus(mirrors: readonly MirrorInfo[]): string {
       if (mirror.error !== null) fields.push(['error', `${mirror.error.code}: ${mirror.error.reason}`]);
       if (mirror.nextRetryAt !== null) fields.push(['next retry', mirror.nextRetryAt]);
       fields.push(
-        ['mode', `${mirror.mode}, on disconnect ${mirror.onDisconnect}${mirror.maxRateBytesPerSec === null ? '' : `, copy capped at ${formatSize(mirror.maxRateBytesPerSec)}/s`}`],
+        ['mode', `${mirror.mode}, on disconnect ${mirror.onDisconnect}${mirror.maxRateBytesPerSec === null ? '' : `, copy capped at ${formatSize(mirror.maxRateBytesPerSec)}/s`}, fast resync ${mirror.fastResync ? 'on' : 'off'}`],
         ['progress', `${mirror.progressPercent.toFixed(1)}% (${formatSize(mirror.copiedBytes)} copied, ${formatSize(mirror.dirtyBytes)} to go of ${formatSize(mirror.sizeBytes)})`],
         ['rate', `${formatSize(mirror.rateBytesPerSec)}/s`],
         ['eta', formatDuration(mirror.etaSeconds)],

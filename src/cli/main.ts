@@ -95,6 +95,19 @@ function buildProgram(): Command {
     .option('--force', 'disconnect NBD clients first instead of refusing', false)
     .exitOverride()
     .action((name: string, options: { force: boolean }) => call(program, 'volume.remove', { name, force: options.force }, formatRemoved));
+  volume
+    .command('set <name>')
+    .description('change a volume\'s settings')
+    .option('--fast-resync <on|off>', 'on: a reconnecting mirror resends only dirty regions; off: it copies the whole volume')
+    .exitOverride()
+    .action((name: string, options: { fastResync?: string }) => {
+      const params: MethodParams<'volume.set'> = { name };
+      if (options.fastResync !== undefined) {
+        if (options.fastResync !== 'on' && options.fastResync !== 'off') throw usageError('--fast-resync: expected on or off');
+        params.fastResync = options.fastResync === 'on';
+      }
+      return call(program, 'volume.set', params, formatVolumeInfo);
+    });
   const peer = program.command('peer').description('add, list, inspect and remove replication peers').exitOverride();
   peer
     .command('add <name>')

@@ -58,6 +58,7 @@ export const paramsSchemas = {
   'volume.list': z.strictObject({}),
   'volume.info': z.strictObject({ name: volumeName }),
   'volume.remove': z.strictObject({ name: volumeName, force: z.boolean().optional() }),
+  'volume.set': z.strictObject({ name: volumeName, fastResync: z.boolean().optional() }),
   'peer.add': z.strictObject({
     name: peerName,
     address: z
@@ -105,6 +106,8 @@ export interface VolumeInfo {
   readOnly: boolean;
   /** A mirror volume is read-only to NBD clients even though readOnly is false. */
   role: VolumeRole;
+  /** Whether this volume's mirrors resync only dirty regions after a reconnect (volume.set). */
+  fastResync: boolean;
   state: VolumeState;
   /** Why the volume is in state 'error' or 'failed'; absent when online. */
   reason?: string;
@@ -160,6 +163,8 @@ export interface MirrorInfo {
   suspended: boolean;
   linkUp: boolean;
   fullCopyDone: boolean;
+  /** The source volume's FastResync setting: off, every reconnect copies the whole volume. */
+  fastResync: boolean;
   sizeBytes: number;
   /** Bytes the target lacks (whole 64 KiB regions). */
   dirtyBytes: number;
@@ -204,6 +209,7 @@ export interface MethodResults {
   'volume.list': { volumes: VolumeInfo[] };
   'volume.info': VolumeInfo;
   'volume.remove': VolumeRemoveResult;
+  'volume.set': VolumeInfo;
   'peer.add': PeerInfo;
   'peer.list': { peers: PeerInfo[] };
   'peer.info': PeerInfo;

@@ -112,7 +112,13 @@ export class Daemon {
       lookupVolume: (name) => {
         const found = volumes.lookup(name);
         if (found === undefined) return undefined;
-        return { role: found.record.role, readOnly: found.record.readOnly, volume: found.volume, failed: found.volume?.failure() !== undefined };
+        return {
+          role: found.record.role,
+          readOnly: found.record.readOnly,
+          fastResync: found.record.fastResync,
+          volume: found.volume,
+          failed: found.volume?.failure() !== undefined,
+        };
       },
       hasPeer: (name) => peers.has(name),
       peerEndpoint: (name) => peers.endpoint(name),
@@ -150,6 +156,7 @@ export class Daemon {
         'volume.list': async () => ({ volumes: volumes.list() }),
         'volume.info': async (params) => volumes.info(params.name),
         'volume.remove': (params) => volumes.remove(params),
+        'volume.set': (params) => volumes.set(params),
         'peer.add': (params) => peers.add(params),
         'peer.list': async () => ({ peers: peers.list() }),
         'peer.info': async (params) => peers.info(params.name),

@@ -19,6 +19,9 @@ const volumeRecordSchema = z.strictObject({
   readOnly: z.boolean(),
   // Added after version 1 was released; records written before it are primaries.
   role: z.enum(volumeRoles).default('primary'),
+  /** FastResync (VxVM): a reconnecting mirror resends only its dirty regions. Off: it copies the
+   *  whole volume every time. Added after version 1 was released; older records have it on. */
+  fastResync: z.boolean().default(true),
   createdAt: z.iso.datetime(),
   /** Mirror volumes only: the source this target is bound to since its first accepted Hello.
    *  Another source is refused (TARGET_BUSY) until the volume is removed and added again. */

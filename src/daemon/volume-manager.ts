@@ -178,6 +178,7 @@ export class VolumeManager {
         device,
         readOnly,
         role,
+        fastResync: true,
         createdAt: new Date().toISOString(),
       };
       let volume: OpenVolume;
@@ -228,6 +229,22 @@ export class VolumeManager {
         }
       }
       return { name: params.name, uuid: entry.record.uuid, disconnected: connected };
+    });
+  }
+
+  /** Changes a volume's settings; persisted before it is acknowledged. */
+  set(params: MethodParams<'volume.set'>): Promise<VolumeInfo> {
+    return this.changes.run(async () => {
+      const entry = this.get(params.name);
+      const record: VolumeRecord = { ...entry.record, ...(params.fastResync === undefined ? {} : { fastResync: params.fastResync }) };
+      try {
+        this.persist(this.records().map((other) => (other.name === params.name ? record : other)));
+      } catch (error) {
+        throw new BmError(ControlErrorCode.StateWrite, `volume ${params.name} not changed: writing the registry failed: ${errorMessage(error)}`, { cause: error });
+      }
+      entry.record = record;
+      this.logger.info({ volume: params.name, fastResync: record.fastResync }, 'volume settings changed');
+      return this.describe(entry);
     });
   }
 
@@ -300,6 +317,7 @@ export class VolumeManager {
       device: record.device,
       readOnly: record.readOnly,
       role: record.role,
+      fastResync: record.fastResync,
       state: volume === null ? 'error' : volume.failure() !== undefined ? 'failed' : 'online',
       sizeBytes: backendInfo?.sizeBytes ?? null,
       logicalSectorBytes: backendInfo?.logicalSectorBytes ?? null,

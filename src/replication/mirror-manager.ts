@@ -17,7 +17,7 @@ export interface MirrorManagerOptions {
   logger: Logger;
   timing: MirrorTiming;
   /** The source volume named `name`: its role, whether it is writable, and the open volume. */
-  lookupVolume: (name: string) => { role: string; readOnly: boolean; volume: ReplicaSource | null; failed: boolean } | undefined;
+  lookupVolume: (name: string) => { role: string; readOnly: boolean; fastResync: boolean; volume: ReplicaSource | null; failed: boolean } | undefined;
   hasPeer: (name: string) => boolean;
   /** Address and secret of a peer; throws BmError when unknown or the secret is unusable. */
   peerEndpoint: (name: string) => PeerEndpoint;
@@ -187,6 +187,7 @@ export class MirrorManager {
       volume,
       nodeName: this.options.nodeName,
       resolvePeer: () => this.options.peerEndpoint(record.peer),
+      fastResync: () => this.options.lookupVolume(record.volume)?.fastResync ?? true,
       persist: (next) => this.persist(this.records().map((other) => (other.id === next.id ? next : other))),
       savedBitmap,
       timing: this.options.timing,
@@ -257,6 +258,7 @@ function dormantInfo(record: MirrorRecord): MirrorInfo {
     suspended: record.suspended,
     linkUp: false,
     fullCopyDone: record.fullCopyDone,
+    fastResync: true,
     sizeBytes: 0,
     dirtyBytes: 0,
     progressPercent: 0,

@@ -59,6 +59,8 @@ export interface MirrorOptions {
   nodeName: string;
   /** Address and secret of the peer, read when connecting (the admin may rotate the secret). */
   resolvePeer: () => PeerEndpoint;
+  /** The source volume's FastResync setting, read at each READY decision. */
+  fastResync: () => boolean;
   /** Persists a changed record; throws when the state dir cannot be written. */
   persist: (record: MirrorRecord) => void;
   /** The bitmap saved at the last clean shutdown, if any (already validated or undefined). */
@@ -268,6 +270,7 @@ export class Mirror implements VolumeReplica {
       suspended: this.record.suspended,
       linkUp: status.linkUp,
       fullCopyDone: this.record.fullCopyDone,
+      fastResync: this.options.fastResync(),
       sizeBytes: this.dirty.sizeBytes,
       dirtyBytes,
       progressPercent: Math.floor(progress * 10) / 10,
@@ -567,7 +570,11 @@ export class Mirror implements VolumeReplica {
       this.dirty.setRange(0, this.dirty.sizeBytes);
     }
     this.startPass();
-    if (!this.record.fullCopyDone) {
+    if (this.record.fullCopyDone && !this.options.fastResync()) {
+      // FastResync off for this volume (the VxVM model): every reconnect copies everything.
+      this.dirty.setRange(0, this.dirty.sizeBytes);
+      this.fire({ type: 'fullCopyNeeded', reason: 'FastResync is off for this volume: full copy' });
+    } else if (!this.record.fullCopyDone) {
       this.fire({ type: 'fullCopyNeeded', reason: knowsUs ? 'resuming the interrupted full copy' : 'target has no copy of this volume yet: full copy' });
     } else if (this.dirty.count() > 0) {
       this.fire({ type: 'bitmapResyncNeeded', reason: `target behind by ${this.dirty.dirtyBytes()} bytes: resync from the dirty bitmap` });

@@ -18,6 +18,7 @@ function fakeVolume(name: string): VolumeInfo {
   return {
     name,
     uuid: '00000000-0000-4000-8000-000000000000',
+    fastResync: true,
     device: '/dev/null',
     readOnly: false,
     role: 'primary',
@@ -50,6 +51,9 @@ async function startServer(t: Test) {
     'volume.remove': async (params) => {
       calls.push({ method: 'volume.remove', params });
       throw new Error('boom: a bug in a handler');
+    },
+    'volume.set': async (params) => {
+      throw new BmError('BM_ERR_VOLUME_NOT_FOUND', `volume ${params.name} does not exist`);
     },
     'peer.add': async (params) => {
       calls.push({ method: 'peer.add', params });

@@ -12,6 +12,7 @@ const record: VolumeRecord = {
   device: '/dev/loop0',
   readOnly: false,
   role: 'primary',
+  fastResync: true,
   createdAt: '2026-01-01T00:00:00.000Z',
 };
 
@@ -63,9 +64,9 @@ t.test('writeFileAtomicSync replaces the whole file and cleans up on failure', a
   t.same(fs.readdirSync(dir).sort(), ['dir-target', 'f.json']);
 });
 
-t.test('records from before roles load as primaries; mirror records round-trip', async (t) => {
+t.test('records from before roles load as primaries (FastResync on); mirror records round-trip', async (t) => {
   const dir = scratchDir(t, 'bm-reg-');
-  const { role: _role, ...legacy } = record;
+  const { role: _role, fastResync: _fastResync, ...legacy } = record;
   writeFileAtomicSync(registryPath(dir), JSON.stringify({ version: 1, volumes: [legacy] }), 0o640);
   t.same(loadRegistry(dir), [record]);
   const mirror: VolumeRecord = { ...record, name: 'm', uuid: '5f2b8a5e-9c1d-4e7f-8a6b-1c2d3e4f5a6b', role: 'mirror' };

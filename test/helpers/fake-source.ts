@@ -227,6 +227,7 @@ export function startMirror(
     volume: source,
     nodeName: 'hostA',
     resolvePeer: () => ({ host: '127.0.0.1', port: port(), secret }),
+    fastResync: () => true,
     persist: (record) => {
       options.persist?.(record);
       saved = record;

@@ -51,10 +51,11 @@ export interface MirrorStatus {
   progressPercent: number;
   linkUp: boolean;
   fullCopyDone: boolean;
+  fastResync: boolean;
   error: { code: string; reason: string } | null;
   cause: { event: string; reason: string; code: string | null };
   sent: { liveBytes: number; copyBytes: number; zeroBytes: number; liveWrites: number };
-  history: Array<{ from: string; to: string; event: string }>;
+  history: Array<{ from: string; to: string; event: string; reason: string }>;
 }
 
 function writeConfig(paths: DaemonPaths): void {
