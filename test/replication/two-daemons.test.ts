@@ -196,7 +196,7 @@ t.test('suspend and resume from the CLI: writes while suspended are dirty, then 
   const added = await cli('mirror', 'add', 'vol0', '--peer', 'hostB', '--target', 'vol0', '--max-rate', '64M');
   t.equal(added.code, 0, added.stderr);
   t.match(added.stdout, /^mirror:\s+vol0 -> hostB:vol0$/m);
-  t.match(added.stdout, /^mode:\s+sync, on disconnect continue, copy capped at 64\.0 MiB\/s$/m);
+  t.match(added.stdout, /^mode:\s+sync, on disconnect continue, copy capped at 64\.0 MiB\/s, fast resync on$/m);
   await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC');
 
   const suspended = await cli('mirror', 'suspend', 'vol0');
