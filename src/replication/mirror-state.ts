@@ -32,6 +32,7 @@ export const MIRROR_ERROR_CODES = [
   'BM_ERR_AUTH_UNKNOWN_PEER',
   'BM_ERR_PROTOCOL_VERSION', // no protocol version in common
   'BM_ERR_TARGET_IO', // the target reported a device error (EIO, ENOSPC) writing replicated data
+  'BM_ERR_SOURCE_IO', // reading the source volume for a copy failed
   'BM_ERR_SPLIT_BRAIN', // both sides written independently (generation identifiers diverged)
 ] as const;
 export type MirrorErrorCode = (typeof MIRROR_ERROR_CODES)[number];

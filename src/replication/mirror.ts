@@ -32,6 +32,8 @@ const TARGET_FLUSH_INTERVAL_MS = 1000;
 const ZERO_CHUNK = Buffer.alloc(CHUNK_BYTES_MAX);
 /** How long a stopping mirror waits for its last target flush. */
 const STOP_FLUSH_MS_MAX = 2000;
+/** How long, at shutdown, client writes may wait for the target's acknowledgements. */
+const SHUTDOWN_ACK_WAIT_MS = 5000;
 
 export interface PeerEndpoint {
   host: string;
@@ -124,6 +126,7 @@ export class Mirror implements VolumeReplica {
   private stopping = false;
   /** Set by stop('remove'): writes are no longer held, and held ones go on. */
   private releaseOnStop = false;
+  private shutdownTimer: NodeJS.Timeout | undefined;
   /** A severe failure seen on the data path, for the driver to act on. */
   private pendingSevere: { code: MirrorErrorCode; reason: string } | null = null;
   /** Writes held by a strict mirror until it is in sync again. */
@@ -190,6 +193,7 @@ export class Mirror implements VolumeReplica {
     if (link !== null && this.unflushed.count() > 0) {
       await Promise.race([this.flushTarget(link), new Promise((resolve) => setTimeout(resolve, STOP_FLUSH_MS_MAX).unref())]);
     }
+    if (this.shutdownTimer !== undefined) clearTimeout(this.shutdownTimer);
     this.abort.abort();
     this.link?.close(reason);
     this.wakeup.notify();
@@ -202,10 +206,14 @@ export class Mirror implements VolumeReplica {
     return this.dirty;
   }
 
-  /** Only fails held writes (ESHUTDOWN) so the NBD server can drain before the mirror stops. */
+  /** Fails held writes (ESHUTDOWN) so the NBD server can drain before the mirror stops, and
+   *  bounds the wait for the target's acknowledgements: after SHUTDOWN_ACK_WAIT_MS the link is
+   *  closed, so writes waiting for a stalled target settle (their regions dirty) well inside
+   *  the daemon's shutdown limit and the bitmap still gets saved. */
   releaseHeldForShutdown(): void {
     this.stopping = true;
     this.releaseHeld(this.shutdownError());
+    this.shutdownTimer ??= setTimeout(() => this.link?.close('the daemon is stopping and the target did not answer in time'), SHUTDOWN_ACK_WAIT_MS).unref();
   }
 
   private shutdownError(): MirrorError {
@@ -217,6 +225,7 @@ export class Mirror implements VolumeReplica {
   suspend(): void {
     this.refuseUnlessAllowed('suspend');
     this.update({ suspended: true });
+    this.releaseHeld(); // suspended means unprotected by the admin's choice: nothing is held
     this.link?.close('suspended by the admin');
     this.wakeup.notify();
   }
@@ -441,7 +450,8 @@ export class Mirror implements VolumeReplica {
     } else if (from === 'ERROR' && to !== 'ERROR') {
       this.tryUpdate({ error: null });
     }
-    if (to === 'INSYNC' || this.record.suspended) this.releaseHeld();
+    // No longer strict (suspended, or a full copy started again): what was held goes on.
+    if (to === 'INSYNC' || !this.isStrict()) this.releaseHeld();
     // A strict mirror in ERROR waits for the admin: its writes fail rather than hang or run
     // unprotected.
     else if (to === 'ERROR') this.releaseHeld(this.strictError());
@@ -668,6 +678,8 @@ export class Mirror implements VolumeReplica {
         this.pool.release(buffer);
         this.dirty.setRange(offsetBytes, lengthBytes);
         this.logger.error({ err: error, offsetBytes, lengthBytes }, 'reading the source for the copy failed');
+        // Retrying would fail the same way, forever: ERROR, with the reason, for the admin.
+        this.pendingSevere ??= { code: 'BM_ERR_SOURCE_IO', reason: `reading ${lengthBytes} bytes at ${offsetBytes} of the source for the copy failed: ${(error as Error).message}` };
         link.close('reading the source volume failed');
         break;
       }

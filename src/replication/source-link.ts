@@ -251,9 +251,11 @@ export class SourceLink {
     const oldest = this.pending.values().next();
     if (oldest.done === true) return;
     // Measured from the later of the oldest send and the last acknowledgement: a backlog that
-    // is being worked through is slow, not stuck.
-    const waitedMs = performance.now() - Math.max(oldest.value.sentMs, this.lastAckMs);
-    if (waitedMs > this.ackTimeoutMs) {
+    // is being worked through is slow, not stuck. But one write the target never finishes
+    // must not hide behind others' acknowledgements: its own age is capped at twice the limit.
+    const nowMs = performance.now();
+    const waitedMs = nowMs - Math.max(oldest.value.sentMs, this.lastAckMs);
+    if (waitedMs > this.ackTimeoutMs || nowMs - oldest.value.sentMs > 2 * this.ackTimeoutMs) {
       this.logger.warn({ waitedMs: Math.round(waitedMs), pending: this.pending.size }, 'target did not acknowledge in time; closing the link');
       this.close(`no acknowledgement from the target in ${this.ackTimeoutMs} ms`);
     }

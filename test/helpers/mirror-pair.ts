@@ -23,6 +23,8 @@ export interface MirrorPairOptions {
   proxy?: boolean;
   /** Source uses a different secret than the target expects. */
   wrongSecret?: boolean;
+  /** Overrides of testReplicationTiming for both daemons. */
+  timing?: Partial<typeof testReplicationTiming>;
 }
 
 export interface MirrorPair {
@@ -58,8 +60,8 @@ export interface MirrorStatus {
   history: Array<{ from: string; to: string; event: string; reason: string }>;
 }
 
-function writeConfig(paths: DaemonPaths): void {
-  fs.writeFileSync(path.join(paths.dir, 'config.json'), JSON.stringify({ replication: testReplicationTiming }) + '\n');
+function writeConfig(paths: DaemonPaths, timing: Partial<typeof testReplicationTiming> = {}): void {
+  fs.writeFileSync(path.join(paths.dir, 'config.json'), JSON.stringify({ replication: { ...testReplicationTiming, ...timing } }) + '\n');
 }
 
 export async function startMirrorPair(t: TestLike, options: MirrorPairOptions): Promise<MirrorPair> {
@@ -81,7 +83,7 @@ export async function startMirrorPair(t: TestLike, options: MirrorPairOptions): 
   if (options.wrongSecret === true) fs.writeFileSync(sourceSecretFile, crypto.randomBytes(32).toString('hex') + '\n', { mode: 0o600 });
 
   const targetPaths = daemonPaths(t);
-  writeConfig(targetPaths);
+  writeConfig(targetPaths, options.timing);
   let target = await startDaemon(t, { paths: targetPaths, args: ['--node-name', 'hostB', '--listen', '127.0.0.1:0'] });
   const listen = String((await target.request('status')).replicationListen);
   const targetPort = Number(listen.slice(listen.lastIndexOf(':') + 1));
@@ -90,7 +92,7 @@ export async function startMirrorPair(t: TestLike, options: MirrorPairOptions): 
 
   const proxy = options.proxy === true ? await startTcpProxy(t, targetPort) : undefined;
   const sourcePaths = daemonPaths(t);
-  writeConfig(sourcePaths);
+  writeConfig(sourcePaths, options.timing);
   let source = await startDaemon(t, { paths: sourcePaths, args: ['--node-name', 'hostA'] });
   await source.request('peer.add', { name: 'hostB', address: `127.0.0.1:${proxy?.port ?? targetPort}`, secretFile: sourceSecretFile });
   await source.request('volume.add', { name: 'vol0', device: sourceDevice.path });

@@ -353,3 +353,32 @@ t.test('volume set --fast-resync off: a reconnect copies the whole volume; on: o
   t.equal(await resyncOnce(), 64 * 1024, 'FastResync on: only the dirty region was sent');
   await expectEqualDevices(t, pair);
 });
+
+t.test('SIGTERM while the target is stalled: the source stops in time, saves its bitmap, and resyncs only that later', { skip }, async (t) => {
+  // An ack timeout longer than the daemon's shutdown limit (25 s): only the shutdown's own bound
+  // on waiting for the target can make the stop finish in time.
+  const pair = await startMirrorPair(t, { sizeBytes: 16 * MiB, proxy: true, timing: { ackTimeoutMs: 60_000 } });
+  const proxy = pair.proxy;
+  if (proxy === undefined) throw new Error('proxy expected');
+  await pair.addMirror();
+  await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC');
+  await qemuIo(pair.sourceUri, ['flush']);
+  proxy.stall();
+  // A write that waits for the stalled target (sync mode) while the daemon is asked to stop.
+  const write = qemuIo(pair.sourceUri, ['write -P 0x6d 5M 64k']);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const started = performance.now();
+  const exit = await pair.source.stop('SIGTERM');
+  const stoppedMs = performance.now() - started;
+  t.same(exit, { code: 0, signal: null }, 'a clean exit, not the shutdown deadline');
+  t.ok(stoppedMs < 15_000, `stopped in ${Math.round(stoppedMs)} ms`);
+  await write;
+  t.ok(pair.source.logs().some((line) => line.msg === 'mirror stopped; dirty bitmap saved'), 'the dirty bitmap was saved');
+
+  proxy.resume();
+  await pair.restartSource();
+  const resynced = await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC after the restart');
+  const sentBytes = resynced.sent.copyBytes + resynced.sent.zeroBytes;
+  t.ok(sentBytes <= 256 * 1024, `only the regions the stalled write touched were resent (${sentBytes} bytes)`);
+  await expectEqualDevices(t, pair);
+});
