@@ -57,6 +57,8 @@ export class FakeSource implements ReplicaSource {
   readonly data = Buffer.alloc(SIZE_BYTES);
   private replicas: VolumeReplica[] = [];
   private chain: Promise<void> = Promise.resolve();
+  /** Runs before a copy read, under the lock; throwing fails the read (a source device error). */
+  beforeRead: (offsetBytes: number, lengthBytes: number) => void = () => undefined;
 
   info(): BlockBackendInfo {
     return info();
@@ -73,6 +75,7 @@ export class FakeSource implements ReplicaSource {
   async readForCopy(offsetBytes: number, buffer: Buffer, onRead: () => void): Promise<void> {
     const unlock = await this.lock();
     try {
+      this.beforeRead(offsetBytes, buffer.length);
       this.data.copy(buffer, 0, offsetBytes, offsetBytes + buffer.length);
       onRead();
     } finally {
@@ -177,12 +180,14 @@ export class FakeTarget implements ReplicaTarget {
 }
 
 /** A ReplicationServer on 127.0.0.1 serving `target` as volume 'tgt' to peer 'hostA'; closed in
- *  teardown. `bindSource` runs when a new generation binds (the first Hello of a mirror). */
+ *  teardown. `bindSource` runs when a new generation binds (the first Hello of a mirror).
+ *  `forget()` drops the binding, as if the target volume had been removed and added again: the
+ *  next Hello finds no known generation. */
 export async function startTarget(
   t: Teardown,
   target: FakeTarget,
   options: { logger: Logger; bindSource?: () => Promise<void> },
-): Promise<{ server: ReplicationServer; port: number }> {
+): Promise<{ server: ReplicationServer; port: number; forget: () => void }> {
   let binding: MirrorSourceBinding | undefined;
   const server = new ReplicationServer({
     nodeName: 'hostB',
@@ -196,7 +201,13 @@ export async function startTarget(
   });
   const port = await server.listen('127.0.0.1', 0);
   t.teardown(() => server.close());
-  return { server, port };
+  return {
+    server,
+    port,
+    forget: () => {
+      binding = undefined;
+    },
+  };
 }
 
 /** A started Mirror from `source` to volume 'tgt' on 'hostB' at 127.0.0.1:port(); stopped in

@@ -1,7 +1,9 @@
 // Races and failures on the replication data path, each one a review finding reproduced by an
 // experiment before it was fixed: a Hello answered too late, a link dropping around a forwarded
 // write (strict and crash-consistent), a local write failing after the target got the bytes, a
-// volume answering before its replica let go of the payload, and an unwritable state dir. A real
+// volume answering before its replica let go of the payload, an unwritable state dir, a strict
+// mirror's held write when the target forgot the generation, one write the target never
+// finishes while others are acknowledged, and a source read failing during the copy. A real
 // Mirror and ReplicationServer run in-process over 127.0.0.1 with in-memory volumes
 // (test/helpers/fake-source.ts); link cuts go through test/helpers/tcp-proxy.ts.
 import t from 'tap';
@@ -10,6 +12,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import pino from 'pino';
 import type { VolumeReplica } from '../../src/volume/replica';
 import { Volume } from '../../src/volume/volume';
+import { deferred } from '../helpers/async';
 import { captureLogger, FakeSource, FakeTarget, settlesWithin, startMirror, startTarget, waitFor, type LogLine } from '../helpers/fake-source';
 import { scratchDevice } from '../helpers/loop';
 import { startTcpProxy } from '../helpers/tcp-proxy';
@@ -242,4 +245,171 @@ t.test('a mirror whose record cannot be persisted still reaches INSYNC and keeps
   t.ok(slice(target.data, 320 * KiB, second.length).equals(second), 'and writes reach the target after the reconnect');
   t.ok(source.data.equals(target.data), 'source == target');
   t.same(driverDeaths(logs), [], 'the driver did not die');
+});
+
+t.test('strict mirror: a write held because its forward was lost goes on once the reconnect starts a full copy (the target forgot the generation), not after the copy', async (t) => {
+  const { logger, logs } = captureLogger();
+  const target = new FakeTarget();
+  const { port, forget } = await startTarget(t, target, { logger });
+  const proxy = await startTcpProxy(t, port);
+  const source = new FakeSource();
+  source.data.set(randomBytes(512 * KiB), 1024 * KiB);
+  // ackTimeoutMs well above how long the test keeps the copy's writes waiting on the target.
+  const { mirror } = startMirror(t, source, () => proxy.port, { logger, record: { onDisconnect: 'block' }, timing: { ackTimeoutMs: 5000 } });
+  const copyGate = deferred();
+  t.teardown(() => copyGate.resolve());
+  await waitFor(() => mirror.info().state === 'INSYNC', 'INSYNC after the full copy');
+  t.ok(mirror.info().fullCopyDone, 'full copy done: the mirror is strict now');
+
+  const offset = 64 * KiB;
+  const W = randomBytes(4 * KiB);
+  let cut = false;
+  target.beforeWrite = async (offsetBytes, data) => {
+    if (!cut) {
+      if (offsetBytes !== offset || data.length !== W.length) return;
+      cut = true;
+      // The target volume is removed and added again (it forgets our generation) and the link
+      // drops with W forwarded but not applied; for a while the target is unreachable.
+      forget();
+      proxy.refuse(true);
+      proxy.cut();
+      throw new Error('link cut before the write was applied');
+    }
+    await copyGate.promise; // the next full copy's writes wait until the test lets them go
+  };
+  // What the mirror and the target were doing when the client got its answer.
+  let atAnswer: { state: string; targetHeldW: boolean } | undefined;
+  const outcome = source.write(offset, W).then(
+    () => {
+      atAnswer = { state: mirror.info().state, targetHeldW: slice(target.data, offset, W.length).equals(W) };
+      return 'ok';
+    },
+    (error: Error) => error.message,
+  );
+  await waitFor(() => cut, 'W forwarded and the link cut');
+  t.notOk(await settlesWithin(outcome, 300), 'while the target is unreachable the strict mirror holds W');
+
+  proxy.refuse(false);
+  await waitFor(() => mirror.info().state === 'REPLICATE', 'REPLICATE: the reconnect found the generation forgotten, full copy', 3000);
+  t.notOk(mirror.info().fullCopyDone, 'the full copy starts again: the mirror is not strict until it is done');
+  t.ok(await settlesWithin(outcome, 1500), 'W is answered once the full copy starts, without waiting for it');
+  copyGate.resolve(); // (if W was still held, it is answered at the end of the copy: no hang)
+  t.equal(await outcome, 'ok', 'W succeeds');
+  t.equal(atAnswer?.state, 'REPLICATE', 'the full copy was still running when W was answered');
+  t.equal(atAnswer?.targetHeldW, false, 'the target did not hold W yet (the copy had not got there)');
+  await waitFor(
+    () => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0 && source.data.equals(target.data),
+    'INSYNC with source == target after the full copy',
+    5000,
+  );
+  // From the log: mirror status keeps only the last 10 transitions, and the retries while the
+  // target was unreachable may have pushed these out.
+  const lost = logs.findIndex((line) => line.msg === 'mirror INSYNC -> OUTOFSYNC' && line.event === 'connectionLost');
+  t.ok(lost >= 0, 'the link was lost in INSYNC');
+  t.ok(
+    logs.slice(lost + 1).some((line) => line.msg === 'mirror READY -> REPLICATE' && line.event === 'fullCopyNeeded'),
+    'and the reconnect started a full copy',
+  );
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});
+
+t.test('a write the target never finishes cracks the link within about 2 x ackTimeoutMs while other writes are acknowledged; it completes for the client and the devices end equal', async (t) => {
+  const ackTimeoutMs = 800;
+  const { logger, logs } = captureLogger();
+  const target = new FakeTarget();
+  const { port } = await startTarget(t, target, { logger });
+  const source = new FakeSource();
+  const { mirror } = startMirror(t, source, () => port, { logger, timing: { ackTimeoutMs } });
+  const stuck = deferred();
+  let writing = true;
+  t.teardown(() => {
+    writing = false;
+    stuck.resolve(); // else the target server waits for the stuck write at close
+  });
+  await waitFor(() => mirror.info().state === 'INSYNC', 'INSYNC after the full copy');
+
+  const offset = 64 * KiB;
+  const W = randomBytes(4 * KiB);
+  let stuckAtMs: number | undefined;
+  target.beforeWrite = async (offsetBytes) => {
+    if (offsetBytes !== offset || stuckAtMs !== undefined) return;
+    stuckAtMs = performance.now();
+    await stuck.promise; // the target's device never finishes this write (until the test says so)
+  };
+  const outcome = source.write(offset, W).then(
+    () => 'ok',
+    (error: Error) => error.message,
+  );
+  await waitFor(() => stuckAtMs !== undefined, 'W reached the target');
+  const appliedAtStuck = target.writes;
+  // Other writes keep being acknowledged (continue mode: each is answered once the target acks).
+  const background = (async () => {
+    for (let i = 0; writing; i++) {
+      await source.write(1024 * KiB + (i % 16) * 64 * KiB, randomBytes(4 * KiB));
+      await sleep(40);
+    }
+  })();
+  await waitFor(() => !mirror.info().linkUp, `the link cracked within 2 x ackTimeoutMs (${2 * ackTimeoutMs} ms) and a bit`, 2 * ackTimeoutMs + 1200);
+  const crackedAfterMs = performance.now() - (stuckAtMs ?? 0);
+  const othersAcked = target.writes - appliedAtStuck;
+  writing = false;
+  await background;
+  t.ok(crackedAfterMs <= 2 * ackTimeoutMs + 800, `cracked ${Math.round(crackedAfterMs)} ms after W reached the target (2 x ackTimeoutMs = ${2 * ackTimeoutMs})`);
+  t.ok(othersAcked >= 10, `meanwhile the target acknowledged ${othersAcked} other writes`);
+  t.ok(logs.some((line) => line.msg === 'target did not acknowledge in time; closing the link'), 'the ack timeout closed the link');
+  t.ok(
+    mirror.info().history.some((entry) => entry.from === 'INSYNC' && entry.to === 'OUTOFSYNC' && entry.event === 'connectionLost'),
+    'INSYNC -> OUTOFSYNC (connectionLost)',
+  );
+  t.ok(await settlesWithin(outcome, 1000), 'the stuck write is answered once the link cracked');
+  t.equal(await outcome, 'ok', 'and succeeds (continue mode: its region is dirty for the resync)');
+
+  // The target's device recovers: the old session drains, the source reconnects and resyncs.
+  stuck.resolve();
+  await waitFor(
+    () => mirror.info().state === 'INSYNC' && mirror.info().linkUp && mirror.info().dirtyBytes === 0 && source.data.equals(target.data),
+    'INSYNC with source == target after the target recovered',
+    5000,
+  );
+  t.ok(slice(target.data, offset, W.length).equals(W), 'the target holds W');
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});
+
+t.test('a source read failing during the copy: ERROR BM_ERR_SOURCE_IO naming the offset, not a retry loop', async (t) => {
+  const { logger, logs } = captureLogger();
+  const target = new FakeTarget();
+  const { port } = await startTarget(t, target, { logger });
+  const source = new FakeSource();
+  source.data.set(randomBytes(4 * 1024 * KiB));
+  const badOffset = 2048 * KiB;
+  let broken = true;
+  let failedReads = 0;
+  source.beforeRead = (offsetBytes, lengthBytes) => {
+    if (!broken || badOffset < offsetBytes || badOffset >= offsetBytes + lengthBytes) return;
+    failedReads++;
+    throw Object.assign(new Error('EIO: i/o error, read'), { code: 'EIO', syscall: 'read' });
+  };
+  const { mirror, saved } = startMirror(t, source, () => port, { logger });
+
+  await waitFor(() => mirror.info().state === 'ERROR', 'ERROR after the failed read', 3000);
+  const info = mirror.info();
+  t.equal(info.error?.code, 'BM_ERR_SOURCE_IO', 'error code BM_ERR_SOURCE_IO');
+  t.match(info.error?.reason ?? '', /\b2097152\b/, `the reason names the offset: ${info.error?.reason ?? ''}`);
+  t.equal(saved().error?.code, 'BM_ERR_SOURCE_IO', 'the error is persisted (it survives a restart)');
+  // Many backoff periods (20..200 ms): a retrying mirror would read again and again.
+  await sleep(600);
+  t.equal(failedReads, 1, 'the failing range was read once, not retried in a loop');
+  t.equal(mirror.info().state, 'ERROR', 'the mirror waits in ERROR for the admin');
+  t.equal(mirror.info().error?.code, 'BM_ERR_SOURCE_IO', 'still with BM_ERR_SOURCE_IO');
+
+  // The admin repairs the source and resumes: the copy completes.
+  broken = false;
+  mirror.resume();
+  await waitFor(
+    () => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0 && source.data.equals(target.data),
+    'INSYNC with source == target after the resume',
+    5000,
+  );
+  t.equal(mirror.info().error, null, 'the error is cleared');
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
