@@ -139,7 +139,7 @@ function buildProgram(): Command {
     .description('start mirroring a volume to a mirror volume on a peer (first a full copy, then live)')
     .requiredOption('--peer <name>', 'the peer daemon that holds the target')
     .requiredOption('--target <name>', 'the mirror volume on the peer (added there with --mirror)')
-    .option('--mode <mode>', 'sync: a write is acknowledged once written locally and on the target', 'sync')
+    .option('--mode <mode>', 'sync: a write is acknowledged once written locally and on the target; stack: once written locally, dirty regions shipped in the background', 'sync')
     .option('--on-disconnect <policy>', 'continue: keep writing and resync the dirty regions later; block: hold writes until in sync again', 'continue')
     .option('--max-rate <rate>', 'cap the copy traffic, bytes per second with an optional K, M or G suffix (live writes are never capped)')
     .exitOverride()

@@ -29,8 +29,10 @@ export function parsePeerAddress(text: string): HostPort | null {
 }
 
 /** sync: a write is acknowledged once on the local device and on the target (REC synchronous,
- *  DRBD protocol C). The asynchronous modes arrive with issue 4. */
-export const mirrorModes = ['sync'] as const;
+ *  DRBD protocol C). stack: acknowledged once local; only the dirty bitmap records it and the
+ *  copier ships dirty regions in the background (REC asynchronous stack): lowest overhead, no
+ *  ordering promise. Asynchronous consistency mode arrives with issue 4. */
+export const mirrorModes = ['sync', 'stack'] as const;
 /** continue: a disconnected mirror records dirty regions and writes go on; block: writes wait
  *  until the mirror is in sync again (once it has been). */
 export const onDisconnectPolicies = ['continue', 'block'] as const;

@@ -89,6 +89,9 @@ export class MirrorManager {
       if (records.some((record) => record.volume === params.volume && record.peer === params.peer)) {
         throw new BmError(ControlErrorCode.MirrorExists, `volume ${params.volume} already has a mirror on ${params.peer}`);
       }
+      if (params.mode === 'stack' && params.onDisconnect === 'block') {
+        throw new BmError(ControlErrorCode.InvalidArgument, 'onDisconnect: block holds writes the target lacks, but stack mode never waits for the target; use sync mode');
+      }
       if (records.filter((record) => record.volume === params.volume).length >= mirrorsPerVolumeMax) {
         throw new BmError(ControlErrorCode.InvalidArgument, `volume ${params.volume} already has ${mirrorsPerVolumeMax} mirrors (the limit)`);
       }

@@ -314,6 +314,8 @@ export class Mirror implements VolumeReplica {
   }
 
   async replicateFlush(): Promise<void> {
+    // Stack mode promises nothing about the target: a flush is the local device's alone.
+    if (this.record.mode === 'stack') return;
     const link = this.liveLink();
     if (link === null) {
       // Nothing to make durable there; what the target lacks is dirty. A strict mirror holds
@@ -341,7 +343,8 @@ export class Mirror implements VolumeReplica {
     // client is told is on the target must be there. While copying, a region not yet copied is
     // only marked: the copier will send what the local device holds once this write is done.
     const behind = this.machine.state !== 'INSYNC' && this.dirty.testRange(offsetBytes, lengthBytes);
-    if (link === null || behind) {
+    // Stack mode never forwards: the write only marks its regions, which the copier ships.
+    if (link === null || behind || this.record.mode === 'stack') {
       this.markDirty(offsetBytes, lengthBytes);
       return this.settle(local, offsetBytes, lengthBytes, Promise.resolve<SendResult>('lost'));
     }

@@ -41,13 +41,14 @@ export interface MirrorPair {
   targetSecretFile: string;
   restartTarget(): Promise<void>;
   restartSource(): Promise<void>;
-  addMirror(options?: { onDisconnect?: 'continue' | 'block'; maxRateBytesPerSec?: number }): Promise<MirrorStatus>;
+  addMirror(options?: { mode?: 'sync' | 'stack'; onDisconnect?: 'continue' | 'block'; maxRateBytesPerSec?: number }): Promise<MirrorStatus>;
   status(): Promise<MirrorStatus>;
   waitFor(predicate: (status: MirrorStatus) => boolean, what: string, timeoutMs?: number): Promise<MirrorStatus>;
 }
 
 /** The JSON `mirror status` gives for one mirror (the fields tests use). */
 export interface MirrorStatus {
+  mode: string;
   state: string;
   dirtyBytes: number;
   progressPercent: number;

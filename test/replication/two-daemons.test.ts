@@ -382,3 +382,31 @@ t.test('SIGTERM while the target is stalled: the source stops in time, saves its
   t.ok(sentBytes <= 256 * 1024, `only the regions the stalled write touched were resent (${sentBytes} bytes)`);
   await expectEqualDevices(t, pair);
 });
+
+t.test('stack mode: writes and flushes never wait for the target; the copier ships dirty regions in the background', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 16 * MiB, fillBytes: 1 * MiB, proxy: true });
+  const proxy = pair.proxy;
+  if (proxy === undefined) throw new Error('proxy expected');
+  const strict = await pair.addMirror({ mode: 'stack', onDisconnect: 'block' }).catch((error: unknown) => error);
+  t.match(strict, { code: 'BM_ERR_INVALID_ARGUMENT' }, 'stack mode cannot hold writes for the target');
+  const added = await pair.addMirror({ mode: 'stack' });
+  t.equal(added.mode, 'stack');
+  const insync = await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC');
+
+  // With the path to the target stalled, writes and flushes still complete at local speed.
+  proxy.stall();
+  const started = performance.now();
+  const written = await qemuIo(pair.sourceUri, ['write -P 0x5e 4M 1M', 'flush']);
+  const tookMs = performance.now() - started;
+  t.notMatch(written.output, /error|failed/i);
+  t.ok(tookMs < 1500, `write and flush did not wait for the stalled target (${Math.round(tookMs)} ms)`);
+  const lagging = await pair.status();
+  t.equal(lagging.sent.liveWrites, 0, 'stack mode forwards nothing live');
+  const owed = lagging.dirtyBytes + (lagging.sent.copyBytes - insync.sent.copyBytes);
+  t.ok(owed >= 1 * MiB, `the write is dirty or already on its way by the copier (${owed} bytes)`);
+
+  proxy.resume();
+  const caughtUp = await pair.waitFor((status) => status.state === 'INSYNC' && status.dirtyBytes === 0, 'caught up');
+  t.ok(caughtUp.sent.copyBytes - insync.sent.copyBytes >= 1 * MiB, 'the copier shipped the written regions');
+  await expectEqualDevices(t, pair);
+});
