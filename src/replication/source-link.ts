@@ -53,21 +53,18 @@ export interface SourceLinkOptions {
 }
 
 interface Pending {
-  bytes: number;
   sentMs: number;
   resolve: (result: SendResult) => void;
 }
 
 export class SourceLink {
   readonly reply: HelloReply;
-  readonly capabilities: number;
   private readonly channel: FrameChannel;
   private readonly socket: net.Socket;
   private readonly logger: Logger;
   private readonly ackTimeoutMs: number;
   private readonly pending = new Map<number, Pending>();
   private nextSequence = 1;
-  private pendingBytes = 0;
   private lastAckMs = 0;
   private closeReason: string | null = null;
   private readonly closeListeners: Array<(reason: string) => void> = [];
@@ -79,7 +76,6 @@ export class SourceLink {
     this.socket = socket;
     this.channel = channel;
     this.reply = reply;
-    this.capabilities = reply.capabilities;
     this.logger = options.logger;
     this.ackTimeoutMs = options.ackTimeoutMs;
     socket.on('close', () => this.close('connection closed'));
@@ -142,21 +138,12 @@ export class SourceLink {
     return this.closeReason === null;
   }
 
-  get inFlightBytes(): number {
-    return this.pendingBytes;
-  }
-
-  get inFlightCount(): number {
-    return this.pending.size;
-  }
-
   /** Sends a write (payload undefined: zeroes over lengthBytes). Resolves with its outcome. */
   write(offsetBytes: number, payload: Buffer | undefined, lengthBytes: number, fua: boolean): Promise<SendResult> {
     if (this.closeReason !== null) return Promise.resolve('lost');
     const sequence = this.nextSequence++;
     const flags = (fua ? WriteFlag.FUA : 0) | (payload === undefined ? WriteFlag.ZEROES : 0);
-    const bytes = payload === undefined ? 0 : lengthBytes;
-    return this.track(sequence, bytes, () =>
+    return this.track(sequence, () =>
       this.channel.send(wireMessage('write', { sequence, offsetBytes, lengthBytes, flags }), payload),
     );
   }
@@ -165,7 +152,7 @@ export class SourceLink {
   flush(): Promise<SendResult> {
     if (this.closeReason !== null) return Promise.resolve('lost');
     const sequence = this.nextSequence++;
-    return this.track(sequence, 0, () => this.channel.send(wireMessage('flush', { sequence })));
+    return this.track(sequence, () => this.channel.send(wireMessage('flush', { sequence })));
   }
 
   /** Resolves when the socket's send buffer has room again (or the link closed). */
@@ -195,15 +182,13 @@ export class SourceLink {
     this.socket.destroy();
     const pending = [...this.pending.values()];
     this.pending.clear();
-    this.pendingBytes = 0;
     for (const entry of pending) entry.resolve('lost');
     for (const listener of this.closeListeners.splice(0)) listener(reason);
   }
 
-  private track(sequence: number, bytes: number, send: () => void): Promise<SendResult> {
+  private track(sequence: number, send: () => void): Promise<SendResult> {
     return new Promise<SendResult>((resolve) => {
-      this.pending.set(sequence, { bytes, sentMs: performance.now(), resolve });
-      this.pendingBytes += bytes;
+      this.pending.set(sequence, { sentMs: performance.now(), resolve });
       try {
         send();
       } catch (error) {
@@ -219,7 +204,6 @@ export class SourceLink {
       return;
     }
     this.pending.delete(sequence);
-    this.pendingBytes -= entry.bytes;
     this.lastAckMs = performance.now();
     if (status === 'STATUS_OK') {
       entry.resolve('ok');
