@@ -1,4 +1,5 @@
-// Process-level helpers for the daemon: an exclusive lock file and sd_notify.
+// Process-level helpers for the daemon: an exclusive lock file, sd_notify, and CRC-32C for
+// checksummed metadata (Node 20 has no crc32c of its own).
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/socket.h>
@@ -10,6 +11,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "crc32c.h"
 
 namespace bm {
 
@@ -80,7 +82,14 @@ static Napi::Value SdNotify(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, true);
 }
 
+static Napi::Value Crc32cOf(const Napi::CallbackInfo& info) {
+  if (!info[0].IsTypedArray()) throw Napi::TypeError::New(info.Env(), "data must be a Uint8Array");
+  auto data = info[0].As<Napi::Uint8Array>();
+  return Napi::Number::New(info.Env(), Crc32c(data.Data(), data.ByteLength()));
+}
+
 void InitSystem(Napi::Env env, Napi::Object exports) {
+  exports.Set("crc32c", Napi::Function::New(env, Crc32cOf, "crc32c"));
   exports.Set("lockFile", Napi::Function::New(env, LockFile, "lockFile"));
   exports.Set("unlockFile", Napi::Function::New(env, UnlockFile, "unlockFile"));
   exports.Set("sdNotify", Napi::Function::New(env, SdNotify, "sdNotify"));

@@ -136,6 +136,12 @@ function formatDuration(seconds: number | null): string {
   return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
 }
 
+function formatWriteIntent(info: MirrorInfo['writeIntent']): string {
+  if (info === null) return 'off (a crash means a full resync)';
+  const error = info.lastError === null ? '' : `, last error: ${info.lastError}`;
+  return `${info.hotExtents}/${info.capacityExtents} extents hot, ${info.transactions} log writes, ${info.evictions} evictions, ${info.pageWrites} bitmap pages written${error}`;
+}
+
 export function formatMirrorStatus(mirrors: readonly MirrorInfo[]): string {
   return mirrors
     .map((mirror) => {
@@ -152,6 +158,8 @@ export function formatMirrorStatus(mirrors: readonly MirrorInfo[]): string {
         ['rate', `${formatSize(mirror.rateBytesPerSec)}/s`],
         ['eta', formatDuration(mirror.etaSeconds)],
         ['sent', `${formatSize(mirror.sent.liveBytes)} live in ${mirror.sent.liveWrites} writes, ${formatSize(mirror.sent.copyBytes)} copied, ${formatSize(mirror.sent.zeroBytes)} as zeroes`],
+        ['recovery', `${mirror.recovery.kind}: ${mirror.recovery.detail} (${formatSize(mirror.recovery.dirtyBytesAtStart)} dirty at start)`],
+        ['write intent', formatWriteIntent(mirror.writeIntent)],
       );
       return formatFields(fields);
     })

@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
+import { ACTIVITY_LOG_EXTENTS_DEFAULT, ACTIVITY_LOG_EXTENTS_MAX, ACTIVITY_LOG_EXTENTS_MIN } from '../write-intent/write-intent-log';
 import { BmError, errorCode } from '../control/errors';
 import { formatFirstIssue } from './zod-issues';
 
@@ -28,6 +29,8 @@ export interface DaemonConfig {
   nodeName: string;
   /** Replication timeouts and retry backoff, in ms. */
   replication: ReplicationTiming;
+  /** Write-intent log of mirrored volumes (docs/WRITE-INTENT.md). */
+  writeIntent: { activityLogExtents: number };
   stateDir: string;
   logLevel: LogLevel;
   /** The file that was read, or null when the default file does not exist. */
@@ -103,6 +106,17 @@ export const configFileSchema = z.strictObject({
       backoffMaxMs: z.number().int().min(1).max(3_600_000).optional(),
     })
     .refine((timing) => (timing.backoffBaseMs ?? replicationTimingDefaults.backoffBaseMs) <= (timing.backoffMaxMs ?? replicationTimingDefaults.backoffMaxMs), 'backoffBaseMs must not exceed backoffMaxMs')
+    .optional(),
+  writeIntent: z
+    .strictObject({
+      /** 4 MiB extents kept hot per mirrored volume; 0 switches recording off (a crash then
+       *  means a full copy). */
+      activityLogExtents: z
+        .number()
+        .int()
+        .refine((extents) => extents === 0 || (extents >= ACTIVITY_LOG_EXTENTS_MIN && extents <= ACTIVITY_LOG_EXTENTS_MAX), `expected 0 (off) or ${ACTIVITY_LOG_EXTENTS_MIN}..${ACTIVITY_LOG_EXTENTS_MAX}`)
+        .optional(),
+    })
     .optional(),
 });
 export type ConfigFile = z.infer<typeof configFileSchema>;
@@ -195,6 +209,7 @@ export function resolveConfig(cli: CliConfig): DaemonConfig {
   return {
     nodeName,
     replication: { ...replicationTimingDefaults, ...file?.replication },
+    writeIntent: { activityLogExtents: file?.writeIntent?.activityLogExtents ?? ACTIVITY_LOG_EXTENTS_DEFAULT },
     controlSocket: cli.controlSocket !== undefined ? cliSocketPath('--control-socket', cli.controlSocket) : (file?.controlSocket ?? defaults.controlSocket),
     nbdSocket: cli.nbdSocket !== undefined ? cliSocketPath('--nbd-socket', cli.nbdSocket) : (file?.nbdSocket ?? defaults.nbdSocket),
     nbdListen,

@@ -168,7 +168,7 @@ export interface MirrorInfo {
   /** The source volume's FastResync setting: off, every reconnect copies the whole volume. */
   fastResync: boolean;
   sizeBytes: number;
-  /** Bytes the target lacks (whole 64 KiB regions). */
+  /** Bytes the target lacks (whole 64 KiB regions), counting copy chunks sent and not yet acknowledged. */
   dirtyBytes: number;
   /** Of the current copy or resync pass; 100 when in sync. */
   progressPercent: number;
@@ -178,6 +178,37 @@ export interface MirrorInfo {
   sent: { liveBytes: number; copyBytes: number; zeroBytes: number; liveWrites: number };
   nextRetryAt: string | null;
   history: Array<{ from: string; to: string; event: string; reason: string; code: string | null; at: string }>;
+  /** Where this run's dirty bitmap came from (see docs/WRITE-INTENT.md). */
+  recovery: MirrorRecovery;
+  /** The source volume's write-intent log; null when it is switched off. */
+  writeIntent: WriteIntentInfo | null;
+}
+
+/** new: a new mirror (everything is copied); clean-shutdown: the bitmap saved at the last
+ *  stop; activity-log: after a crash, the saved bitmap plus the extents the activity log had
+ *  hot; metadata-lost: the metadata was missing or unreadable, so everything counts as dirty. */
+export const mirrorRecoveryKinds = ['new', 'clean-shutdown', 'activity-log', 'metadata-lost'] as const;
+
+export interface MirrorRecovery {
+  kind: (typeof mirrorRecoveryKinds)[number];
+  detail: string;
+  /** Dirty bytes right after the daemon started (what the first resync had to send). */
+  dirtyBytesAtStart: number;
+}
+
+export interface WriteIntentInfo {
+  capacityExtents: number;
+  extentBytes: number;
+  hotExtents: number;
+  /** Activity-log slot writes (each followed by fdatasync). */
+  transactions: number;
+  evictions: number;
+  /** Bitmap pages written (grouped, each group followed by fdatasync). */
+  pageWrites: number;
+  /** Replicated client changes, and how many of them waited for a log write. */
+  acquires: number;
+  acquiresWaited: number;
+  lastError: string | null;
 }
 
 export interface MirrorRemoveResult {

@@ -22,6 +22,7 @@ import { SystemdNotifier } from './notify';
 import { loadPeers, PeerManager } from './peers';
 import { loadRegistry } from './registry';
 import { packageVersion } from './version';
+import { FsMetadataStore } from '../write-intent/metadata-file';
 import { VolumeManager, type VolumeUris } from './volume-manager';
 
 /** Control and NBD sockets: owner and group (e.g. a "blockmirror" admin group) only. */
@@ -109,6 +110,8 @@ export class Daemon {
       nodeName: config.nodeName,
       logger: logger.child({ component: 'mirrors' }),
       timing: config.replication,
+      metadataStore: new FsMetadataStore(),
+      activityLogExtents: config.writeIntent.activityLogExtents,
       lookupVolume: (name) => {
         const found = volumes.lookup(name);
         if (found === undefined) return undefined;
@@ -124,7 +127,7 @@ export class Daemon {
       peerEndpoint: (name) => peers.endpoint(name),
     });
     this.mirrors = mirrors;
-    mirrors.load(mirrorRecords);
+    await mirrors.load(mirrorRecords);
 
     await claimSocketPath(config.nbdSocket);
     this.checkNotStopping();

@@ -57,6 +57,7 @@ interface NativeAddon {
   lockFile(filePath: string): number;
   unlockFile(fd: number): void;
   sdNotify(state: string): boolean;
+  crc32c(data: Uint8Array): number;
 }
 
 function loadAddon(): NativeAddon {
@@ -453,4 +454,10 @@ export function lockFileExclusive(filePath: string): { release(): void } {
 export function sdNotify(state: string): boolean {
   if (typeof state !== 'string') throw invalidArgument('state must be a string');
   return addon.sdNotify(state);
+}
+
+/** CRC-32C (Castagnoli) of `data`, as the bitmap serializer and the write-intent metadata use. */
+export function crc32c(data: Uint8Array): number {
+  if (!(data instanceof Uint8Array)) throw invalidArgument('data must be a Uint8Array');
+  return addon.crc32c(data);
 }

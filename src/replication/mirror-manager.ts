@@ -1,21 +1,28 @@
 // The mirrors the daemon runs as a source: mirror.* control methods, persistence in
-// <state>/mirrors.json, start at daemon start and an orderly stop that saves each dirty bitmap.
-// Changes run one at a time and are persisted before they are acknowledged, like volumes.
+// <state>/mirrors.json, each mirrored volume's write-intent log (src/write-intent/), recovery at
+// daemon start and an orderly stop that saves each dirty bitmap. Changes run one at a time and
+// are persisted before they are acknowledged, like volumes.
 import crypto from 'node:crypto';
 import type { Logger } from 'pino';
 import { BmError, ControlErrorCode, errorMessage } from '../control/errors';
 import type { MethodParams, MirrorInfo, MirrorRemoveResult } from '../control/protocol';
-import { DirtyBitmap } from '../native/index';
-import type { ReplicaSource } from '../volume/replica';
-import { Mirror, MirrorError, newGeneration, REGION_BYTES, type MirrorTiming, type PeerEndpoint } from './mirror';
-import { mirrorsMax, mirrorsPerVolumeMax, removeBitmapFile, saveBitmapFile, saveMirrors, takeBitmapFile, type MirrorRecord } from './mirror-store';
 import { ChangeQueue } from '../daemon/change-queue';
+import type { ReplicaSource } from '../volume/replica';
+import type { MetadataStore } from '../write-intent/metadata-file';
+import { mirrorBitmapPath, newMirrorMetadata, openWriteIntentLog, recoverMirror, type RecoveredMirror, type VolumeMetadataOptions } from '../write-intent/recovery';
+import { EXTENT_BYTES, type WriteIntentLog } from '../write-intent/write-intent-log';
+import { Mirror, MirrorError, newGeneration, REGION_BYTES, type MirrorTiming, type PeerEndpoint } from './mirror';
+import { mirrorsMax, mirrorsPerVolumeMax, saveMirrors, type MirrorRecord } from './mirror-store';
 
 export interface MirrorManagerOptions {
   stateDir: string;
   nodeName: string;
   logger: Logger;
   timing: MirrorTiming;
+  /** Where write-intent metadata goes (the file system; the tests' crash layer). */
+  metadataStore: MetadataStore;
+  /** Activity-log size per mirrored volume, in 4 MiB extents; 0 switches recording off. */
+  activityLogExtents: number;
   /** The source volume named `name`: its role, whether it is writable, and the open volume. */
   lookupVolume: (name: string) => { role: string; readOnly: boolean; fastResync: boolean; volume: ReplicaSource | null; failed: boolean } | undefined;
   hasPeer: (name: string) => boolean;
@@ -30,6 +37,8 @@ export class MirrorManager {
   private readonly options: MirrorManagerOptions;
   private readonly logger: Logger;
   private readonly changes = new ChangeQueue();
+  /** The write-intent log of each volume that has running mirrors, by volume name. */
+  private readonly intents = new Map<string, { log: WriteIntentLog; volume: ReplicaSource; metadata: VolumeMetadataOptions }>();
 
   constructor(options: MirrorManagerOptions) {
     this.options = options;
@@ -40,8 +49,11 @@ export class MirrorManager {
     return this.mirrors.length + this.dormant.length;
   }
 
-  /** Starts every persisted mirror whose source volume is online. */
-  load(records: readonly MirrorRecord[]): void {
+  /** Recovers and starts every persisted mirror whose source volume is online. Each mirrored
+   *  volume's metadata is made consistent (bitmaps written, activity log emptied) before any
+   *  client write can reach it. */
+  async load(records: readonly MirrorRecord[]): Promise<void> {
+    const byVolume = new Map<string, { volume: ReplicaSource; records: MirrorRecord[] }>();
     for (const record of records) {
       const source = this.options.lookupVolume(record.volume);
       if (source?.volume == null || source.failed) {
@@ -49,8 +61,28 @@ export class MirrorManager {
         this.dormant.push(record);
         continue;
       }
-      const mirror = this.create(record, source.volume, this.loadBitmap(record, source.volume));
-      mirror.start();
+      const group = byVolume.get(record.volume) ?? { volume: source.volume, records: [] };
+      group.records.push(record);
+      byVolume.set(record.volume, group);
+    }
+    for (const [name, group] of byVolume) {
+      const metadata = this.metadataOptions(group.volume);
+      const { log, loaded } = await openWriteIntentLog(metadata);
+      const started: Mirror[] = [];
+      for (const record of group.records) {
+        const recovered = await recoverMirror(metadata, record.id, loaded);
+        const level = recovered.recovery.kind === 'clean-shutdown' ? 'info' : 'warn';
+        this.logger[level]({ volume: record.volume, peer: record.peer, recovery: recovered.recovery.kind, dirtyBytes: recovered.recovery.dirtyBytesAtStart }, `mirror recovery: ${recovered.recovery.detail}`);
+        started.push(this.create(record, group.volume, recovered, log));
+      }
+      try {
+        await log.start();
+      } catch (error) {
+        throw new BmError(ControlErrorCode.StateWrite, `writing the write-intent metadata of volume ${name} failed: ${errorMessage(error)}`, { cause: error });
+      }
+      this.intents.set(name, { log, volume: group.volume, metadata });
+      group.volume.setWriteIntent(log.tracking ? log : undefined);
+      for (const mirror of started) mirror.start();
     }
   }
 
@@ -110,8 +142,12 @@ export class MirrorManager {
         error: null,
         createdAt: new Date().toISOString(),
       };
+      const intent = await this.intentFor(params.volume, source.volume);
       this.persist([...records, record]);
-      const mirror = this.create(record, source.volume, undefined);
+      const mirror = this.create(record, source.volume, newMirrorMetadata(intent.metadata, record.id), intent.log);
+      // Its bitmap file (all dirty) exists before the first write: a crash then costs no more
+      // than the copy it needs anyway, and is not mistaken for lost metadata.
+      await intent.log.persistNow().catch((error: unknown) => this.logger.error({ err: error, volume: record.volume }, 'writing the new mirror\'s bitmap failed; it is retried'));
       mirror.start();
       this.logger.info({ volume: record.volume, peer: record.peer, target: record.target, mode: record.mode, onDisconnect: record.onDisconnect }, 'mirror added');
       return mirror.info();
@@ -126,7 +162,7 @@ export class MirrorManager {
         const record = dormant[0] as MirrorRecord;
         this.persist(this.records().filter((other) => other.id !== record.id));
         this.dormant.splice(this.dormant.indexOf(record), 1);
-        removeBitmapFile(this.options.stateDir, record.id);
+        await this.options.metadataStore.open(mirrorBitmapPath(this.options.stateDir, record.id)).remove();
         this.logger.info({ volume: record.volume, peer: record.peer }, 'mirror removed (it was not running)');
         return { volume: record.volume, peer: record.peer };
       }
@@ -142,7 +178,7 @@ export class MirrorManager {
       this.mirrors.splice(this.mirrors.indexOf(mirror), 1);
       await mirror.stop('mirror removed', 'remove');
       mirror.markRemoved();
-      removeBitmapFile(this.options.stateDir, record.id);
+      await this.forgetIntent(record);
       this.logger.info({ volume: record.volume, peer: record.peer }, 'mirror removed');
       return { volume: record.volume, peer: record.peer };
     });
@@ -169,22 +205,64 @@ export class MirrorManager {
     for (const mirror of this.mirrors) mirror.releaseHeldForShutdown();
   }
 
-  /** Stops every mirror and saves its dirty bitmap: the next start resyncs only those regions. */
+  /** Stops every mirror and saves its dirty bitmap, then marks each write-intent log clean:
+   *  the next start resyncs only those regions. */
   async stopAll(): Promise<void> {
     await this.changes.close();
+    const stopped = await Promise.allSettled(this.mirrors.map((mirror) => mirror.stop('daemon stopping')));
     const results = await Promise.allSettled(
-      this.mirrors.map(async (mirror) => {
-        const dirty = await mirror.stop('daemon stopping');
-        saveBitmapFile(this.options.stateDir, mirror.currentRecord.id, dirty.serialize());
-        this.logger.info({ volume: mirror.key.volume, peer: mirror.key.peer, dirtyBytes: dirty.dirtyBytes() }, 'mirror stopped; dirty bitmap saved');
+      [...this.intents].map(async ([name, intent]) => {
+        intent.volume.setWriteIntent(undefined);
+        await intent.log.close(true);
+        this.logger.info({ volume: name, mirrors: intent.log.trackerCount }, 'mirrors stopped; dirty bitmaps saved, write-intent log marked clean');
       }),
     );
-    const failed = results.filter((result) => result.status === 'rejected');
-    for (const failure of failed) this.logger.error({ err: (failure as PromiseRejectedResult).reason }, 'saving a dirty bitmap failed; that mirror will copy everything at the next start');
-    if (failed.length > 0) throw new BmError('BM_ERR_STATE_WRITE', `${failed.length} mirror bitmap(s) could not be saved`);
+    const failed = [...stopped, ...results].filter((result) => result.status === 'rejected');
+    for (const failure of failed) this.logger.error({ err: (failure as PromiseRejectedResult).reason }, 'stopping a mirror or saving its bitmap failed; the next start treats it as a crash');
+    if (failed.length > 0) throw new BmError('BM_ERR_STATE_WRITE', `${failed.length} mirror(s) or write-intent log(s) could not be stopped cleanly`);
   }
 
-  private create(record: MirrorRecord, volume: ReplicaSource, savedBitmap: DirtyBitmap | undefined): Mirror {
+  private metadataOptions(volume: ReplicaSource): VolumeMetadataOptions {
+    return {
+      store: this.options.metadataStore,
+      stateDir: this.options.stateDir,
+      volumeUuid: volume.spec.uuid,
+      sizeBytes: volume.info().sizeBytes,
+      regionBytes: REGION_BYTES,
+      capacityExtents: this.options.activityLogExtents,
+      logger: this.logger.child({ volume: volume.spec.name, component: 'write-intent' }),
+    };
+  }
+
+  /** The volume's write-intent log, opened and attached when its first mirror is added. */
+  private async intentFor(name: string, volume: ReplicaSource): Promise<{ log: WriteIntentLog; metadata: VolumeMetadataOptions }> {
+    const existing = this.intents.get(name);
+    if (existing !== undefined) return existing;
+    const metadata = this.metadataOptions(volume);
+    const { log } = await openWriteIntentLog(metadata);
+    try {
+      await log.start();
+    } catch (error) {
+      throw new BmError(ControlErrorCode.StateWrite, `writing the write-intent log of volume ${name} failed: ${errorMessage(error)}`, { cause: error });
+    }
+    const intent = { log, volume, metadata };
+    this.intents.set(name, intent);
+    volume.setWriteIntent(log.tracking ? log : undefined);
+    return intent;
+  }
+
+  /** Drops a removed mirror's bitmap, and the volume's log with its last mirror. */
+  private async forgetIntent(record: MirrorRecord): Promise<void> {
+    const intent = this.intents.get(record.volume);
+    if (intent === undefined) return;
+    await intent.log.removeTracker(record.id);
+    if (intent.log.trackerCount > 0) return;
+    this.intents.delete(record.volume);
+    intent.volume.setWriteIntent(undefined);
+    await intent.log.remove();
+  }
+
+  private create(record: MirrorRecord, volume: ReplicaSource, recovered: RecoveredMirror, log: WriteIntentLog): Mirror {
     const mirror = new Mirror({
       record,
       volume,
@@ -192,37 +270,17 @@ export class MirrorManager {
       resolvePeer: () => this.options.peerEndpoint(record.peer),
       fastResync: () => this.options.lookupVolume(record.volume)?.fastResync ?? true,
       persist: (next) => this.persist(this.records().map((other) => (other.id === next.id ? next : other))),
-      savedBitmap,
+      initialDirty: recovered.initialDirty,
+      recovery: recovered.recovery,
+      writeIntentInfo: () => (log.tracking ? { ...log.stats(), extentBytes: EXTENT_BYTES } : null),
+      onTargetDurable: () => log.persistSoon(),
+      persistBitmap: () => log.persistNow(),
       timing: this.options.timing,
       logger: this.logger,
     });
+    log.addTracker({ id: record.id, file: recovered.file, mayDiffer: (startBytes, endBytes) => mirror.mayDiffer(startBytes, endBytes) });
     this.mirrors.push(mirror);
     return mirror;
-  }
-
-  private loadBitmap(record: MirrorRecord, volume: ReplicaSource): DirtyBitmap | undefined {
-    let data: Buffer | undefined;
-    try {
-      data = takeBitmapFile(this.options.stateDir, record.id);
-    } catch (error) {
-      this.logger.error({ volume: record.volume, peer: record.peer, err: error }, 'reading the saved dirty bitmap failed; copying everything');
-      return undefined;
-    }
-    if (data === undefined) {
-      if (record.fullCopyDone) this.logger.warn({ volume: record.volume, peer: record.peer }, 'no dirty bitmap saved (the daemon did not stop cleanly): the whole volume will be resynced');
-      return undefined;
-    }
-    try {
-      const bitmap = DirtyBitmap.deserialize(data);
-      if (bitmap.sizeBytes !== volume.info().sizeBytes || bitmap.regionBytes !== REGION_BYTES) {
-        this.logger.warn({ volume: record.volume, peer: record.peer }, 'saved dirty bitmap does not match the volume size; copying everything');
-        return undefined;
-      }
-      return bitmap;
-    } catch (error) {
-      this.logger.error({ volume: record.volume, peer: record.peer, err: error }, 'saved dirty bitmap is damaged; copying everything');
-      return undefined;
-    }
   }
 
   private find(volume: string, peer: string | undefined): Mirror {
@@ -271,5 +329,7 @@ function dormantInfo(record: MirrorRecord): MirrorInfo {
     sent: { liveBytes: 0, copyBytes: 0, zeroBytes: 0, liveWrites: 0 },
     nextRetryAt: null,
     history: [],
+    recovery: { kind: 'metadata-lost', detail: 'not running: its source volume is not online', dirtyBytesAtStart: 0 },
+    writeIntent: null,
   };
 }

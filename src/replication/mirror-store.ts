@@ -1,11 +1,8 @@
 // Mirrors, persisted in <state>/mirrors.json like volumes and peers (versioned, validated on
-// load, written atomically), and each mirror's dirty bitmap saved at a clean shutdown in
-// <state>/mirrors/<id>.bitmap (crc32c-checked by the addon's serializer).
-import fs from 'node:fs';
+// load, written atomically). Each mirror's dirty bitmap lives in src/write-intent/.
 import path from 'node:path';
 import { z } from 'zod';
 import { mirrorModes, onDisconnectPolicies, volumeNamePattern } from '../control/protocol';
-import { writeFileAtomicSync } from '../daemon/atomic-file';
 import { loadStateFile, saveStateFile, stateFileCorrupt, type StateFile } from '../daemon/state-file';
 import { MIRROR_ERROR_CODES } from './mirror-state';
 
@@ -83,40 +80,4 @@ export function saveMirrors(stateDir: string, records: readonly MirrorRecord[]):
   const duplicate = duplicateIn(records);
   if (duplicate !== undefined) throw new Error(`refusing to save the mirror registry: ${duplicate}`);
   saveStateFile(mirrorsPath(stateDir), mirrorsFile, { version: mirrorsVersion, mirrors: [...records] });
-}
-
-export function bitmapPath(stateDir: string, id: string): string {
-  return path.join(stateDir, 'mirrors', `${id}.bitmap`);
-}
-
-export function saveBitmapFile(stateDir: string, id: string, serialized: Buffer): void {
-  const filePath = bitmapPath(stateDir, id);
-  fs.mkdirSync(path.dirname(filePath), { recursive: true, mode: 0o750 });
-  writeFileAtomicSync(filePath, serialized, 0o640);
-}
-
-/** The saved bitmap, or undefined when there is none. The file is removed once read: a crash
- *  after this start must not resurrect a bitmap that no longer covers what was written since. */
-export function takeBitmapFile(stateDir: string, id: string): Buffer | undefined {
-  const filePath = bitmapPath(stateDir, id);
-  let data: Buffer;
-  try {
-    data = fs.readFileSync(filePath);
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw error;
-  }
-  fs.rmSync(filePath, { force: true });
-  // The removal must be durable before any write is accepted, or a crash could bring it back.
-  const directoryFd = fs.openSync(path.dirname(filePath), fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-  try {
-    fs.fsyncSync(directoryFd);
-  } finally {
-    fs.closeSync(directoryFd);
-  }
-  return data;
-}
-
-export function removeBitmapFile(stateDir: string, id: string): void {
-  fs.rmSync(bitmapPath(stateDir, id), { force: true });
 }

@@ -12,8 +12,8 @@
 // critical section in which it reads and sends the bytes.
 import assert from 'node:assert';
 import type { Logger } from 'pino';
-import type { MirrorInfo } from '../control/protocol';
-import { BufferPool, DirtyBitmap } from '../native/index';
+import type { MirrorInfo, MirrorRecovery, WriteIntentInfo } from '../control/protocol';
+import { BufferPool, DirtyBitmap, type DirtyRun } from '../native/index';
 import type { ReplicaSource, VolumeReplica } from '../volume/replica';
 import { ExponentialBackoff } from './backoff';
 import type { MirrorRecord } from './mirror-store';
@@ -65,8 +65,17 @@ export interface MirrorOptions {
   fastResync: () => boolean;
   /** Persists a changed record; throws when the state dir cannot be written. */
   persist: (record: MirrorRecord) => void;
-  /** The bitmap saved at the last clean shutdown, if any (already validated or undefined). */
-  savedBitmap: DirtyBitmap | undefined;
+  /** What the target may lack as the daemon starts (all dirty for a new mirror; from the
+   *  write-intent metadata after a restart), and where that came from. */
+  initialDirty: DirtyBitmap;
+  recovery: MirrorRecovery;
+  /** The source volume's write-intent log statistics (null: switched off). */
+  writeIntentInfo: () => WriteIntentInfo | null;
+  /** Called when regions became durable on the target: their persistent bits may be cleared. */
+  onTargetDurable: () => void;
+  /** Writes the persistent bitmap now (before INSYNC is reported, so a crash right after a
+   *  copy does not copy it again). */
+  persistBitmap: () => Promise<void>;
   timing: MirrorTiming;
   logger: Logger;
 }
@@ -135,6 +144,10 @@ export class Mirror implements VolumeReplica {
   private lastTargetFlushMs = 0;
   private pass = { startMs: 0, copiedBytes: 0 };
   private readonly sent = { liveBytes: 0, copyBytes: 0, zeroBytes: 0, liveWrites: 0 };
+  /** Regions between "clean in dirty" and "acknowledged": copy chunks sent and not yet answered,
+   *  and what target flushes in progress cover. They may still differ (mayDiffer). */
+  private readonly copiesInFlight = new Set<DirtyRun>();
+  private readonly flushesInFlight = new Set<DirtyBitmap>();
 
   constructor(options: MirrorOptions) {
     this.options = options;
@@ -144,15 +157,8 @@ export class Mirror implements VolumeReplica {
     const sizeBytes = this.volume.info().sizeBytes;
     this.machine = new MirrorStateMachine({ now: Date.now });
     this.machine.onTransition((transition) => this.onTransition(transition));
-    const saved = options.savedBitmap;
-    if (saved !== undefined && saved.sizeBytes === sizeBytes && saved.regionBytes === REGION_BYTES) {
-      this.dirty = saved;
-    } else {
-      // Nothing saved (new mirror, or the daemon did not shut down cleanly): the target may lack
-      // anything, so everything is dirty.
-      this.dirty = new DirtyBitmap(sizeBytes, REGION_BYTES);
-      this.dirty.setRange(0, sizeBytes);
-    }
+    assert(options.initialDirty.sizeBytes === sizeBytes && options.initialDirty.regionBytes === REGION_BYTES, 'initial bitmap geometry');
+    this.dirty = options.initialDirty;
     this.unflushed = new DirtyBitmap(sizeBytes, REGION_BYTES);
     this.backoff = new ExponentialBackoff({ baseMs: options.timing.backoffBaseMs, maxMs: options.timing.backoffMaxMs, random: Math.random });
     this.rateLimit = this.record.maxRateBytesPerSec === null ? undefined : new RateLimit(this.record.maxRateBytesPerSec, CHUNK_BYTES_MAX);
@@ -259,7 +265,9 @@ export class Mirror implements VolumeReplica {
 
   info(): MirrorInfo {
     const status = this.machine.toStatus();
-    const dirtyBytes = this.dirty.dirtyBytes();
+    // A chunk sent but not yet acknowledged is still missing on the target.
+    let dirtyBytes = this.dirty.dirtyBytes();
+    for (const copy of this.copiesInFlight) dirtyBytes += copy.lengthBytes;
     const elapsedS = (Date.now() - this.pass.startMs) / 1000;
     const copying = status.state === 'REPLICATE' || (status.state === 'OUTOFSYNC' && status.linkUp);
     const rate = copying && elapsedS > 0 ? this.pass.copiedBytes / elapsedS : 0;
@@ -296,7 +304,20 @@ export class Mirror implements VolumeReplica {
         code: entry.cause.code,
         at: new Date(entry.atMs).toISOString(),
       })),
+      recovery: { ...this.options.recovery },
+      writeIntent: this.options.writeIntentInfo(),
     };
+  }
+
+  /** Regions of [startBytes, endBytes) whose bytes the target may not hold durably: dirty,
+   *  acknowledged but not flushed, or in transit. The write-intent log persists these. */
+  mayDiffer(startBytes: number, endBytes: number): DirtyRun[] {
+    const runs: DirtyRun[] = [];
+    for (const bitmap of [this.dirty, this.unflushed, ...this.flushesInFlight]) runsBetween(bitmap, startBytes, endBytes, runs);
+    for (const copy of this.copiesInFlight) {
+      if (copy.offsetBytes < endBytes && copy.offsetBytes + copy.lengthBytes > startBytes) runs.push(copy);
+    }
+    return runs;
   }
 
   // --- VolumeReplica -------------------------------------------------------------------------
@@ -384,9 +405,12 @@ export class Mirror implements VolumeReplica {
 
   private async flushTarget(link: SourceLink): Promise<SendResult> {
     const covered = this.unflushed.snapshotAndClear();
+    this.flushesInFlight.add(covered);
     this.lastTargetFlushMs = performance.now();
     const result = await link.flush();
     if (result !== 'ok') this.dirty.merge(covered);
+    this.flushesInFlight.delete(covered);
+    if (result === 'ok') this.options.onTargetDurable();
     if (result === 'failed') this.targetFailed(link);
     return result;
   }
@@ -650,6 +674,10 @@ export class Mirror implements VolumeReplica {
         const flushed = await this.flushTarget(link);
         if (flushed !== 'ok' || this.dirty.count() > 0) continue;
         if (this.machine.state === 'REPLICATE' || this.machine.state === 'OUTOFSYNC') {
+          await this.options.persistBitmap().catch((error: unknown) => {
+            this.logger.error({ err: error }, 'writing the persistent dirty bitmap failed; a crash now would resync more than needed');
+          });
+          if (!link.isOpen || this.stopping || (this.machine.state !== 'REPLICATE' && this.machine.state !== 'OUTOFSYNC')) continue;
           if (!this.record.fullCopyDone) this.tryUpdate({ fullCopyDone: true });
           this.backoff.reset();
           this.fire({ type: 'copyComplete', reason: `target holds every region (${this.pass.copiedBytes} bytes copied)` });
@@ -669,10 +697,12 @@ export class Mirror implements VolumeReplica {
       await link.whenWritable();
       if (!link.isOpen) break;
       const buffer = this.pool.acquire(lengthBytes);
+      const copy: DirtyRun = { offsetBytes, lengthBytes };
       let sent: Promise<SendResult> | undefined;
       let zero = false;
       try {
         await this.volume.readForCopy(offsetBytes, buffer, () => {
+          this.copiesInFlight.add(copy);
           this.dirty.clearRange(offsetBytes, lengthBytes);
           zero = buffer.equals(ZERO_CHUNK.subarray(0, lengthBytes));
           sent = link.write(offsetBytes, zero ? undefined : buffer, lengthBytes, false);
@@ -680,6 +710,7 @@ export class Mirror implements VolumeReplica {
       } catch (error) {
         this.pool.release(buffer);
         this.dirty.setRange(offsetBytes, lengthBytes);
+        this.copiesInFlight.delete(copy);
         this.logger.error({ err: error, offsetBytes, lengthBytes }, 'reading the source for the copy failed');
         // Retrying would fail the same way, forever: ERROR, with the reason, for the admin.
         this.pendingSevere ??= { code: 'BM_ERR_SOURCE_IO', reason: `reading ${lengthBytes} bytes at ${offsetBytes} of the source for the copy failed: ${(error as Error).message}` };
@@ -700,6 +731,7 @@ export class Mirror implements VolumeReplica {
           this.dirty.setRange(offsetBytes, lengthBytes);
           if (result === 'failed') this.targetFailed(link);
         }
+        this.copiesInFlight.delete(copy);
         progress.notify();
       });
       cursor = offsetBytes + lengthBytes;
@@ -754,6 +786,22 @@ export class Mirror implements VolumeReplica {
       this.record = { ...this.record, ...change };
       this.logger.error({ err: error }, 'persisting the mirror record failed; the change holds until the next restart');
     }
+  }
+}
+
+/** Appends the dirty runs of `bitmap` that overlap [startBytes, endBytes) to `out`. */
+function runsBetween(bitmap: DirtyBitmap, startBytes: number, endBytes: number, out: DirtyRun[]): void {
+  let cursor = Math.min(startBytes, bitmap.sizeBytes);
+  while (cursor < endBytes) {
+    const batch = bitmap.runs(cursor, 256);
+    for (const run of batch) {
+      if (run.offsetBytes >= endBytes) return;
+      out.push(run);
+    }
+    if (batch.length < 256) return;
+    const last = batch[batch.length - 1] as DirtyRun;
+    cursor = last.offsetBytes + last.lengthBytes;
+    if (cursor >= bitmap.sizeBytes) return;
   }
 }
 

@@ -22,12 +22,24 @@ export interface VolumeReplica {
   replicateFlush(): Promise<void>;
 }
 
+/** The volume's write-intent log (src/write-intent/): the extents a change touches are recorded
+ *  on stable storage before its local write starts, and released once every replica is done
+ *  with it, so after a crash the daemon knows where the source and its mirrors may differ. */
+export interface WriteIntent {
+  /** Resolves (or returns at once when the extents are already recorded) when the change may
+   *  start; rejects with code BM_ERR_METADATA_IO when the record cannot be written. */
+  acquire(offsetBytes: number, lengthBytes: number): Promise<void> | void;
+  release(offsetBytes: number, lengthBytes: number): void;
+}
+
 /** What a mirror needs of its source volume (src/volume/volume.ts's Volume). */
 export interface ReplicaSource {
   readonly spec: { readonly name: string; readonly uuid: string };
   info(): BlockBackendInfo;
   attachReplica(replica: VolumeReplica): void;
   detachReplica(replica: VolumeReplica): void;
+  /** Every replicated change takes its extents from `intent` first (undefined: none). */
+  setWriteIntent(intent: WriteIntent | undefined): void;
   readForCopy(offsetBytes: number, buffer: Buffer, onRead: () => void): Promise<void>;
 }
 

@@ -17,7 +17,7 @@ import type {
   WriteZeroesOptions,
 } from './backend';
 import { RangeLock, RangeLockHandle } from './range-lock';
-import type { VolumeReplica } from './replica';
+import type { VolumeReplica, WriteIntent } from './replica';
 
 export interface VolumeSpec {
   name: string;
@@ -45,6 +45,9 @@ export interface VolumeStats {
 const pooledBytesMax = 64 * 1024 * 1024;
 /** Zero-fill chunk used when the device cannot zero a range itself. */
 const zeroChunkBytes = 1024 * 1024;
+/** The largest single change handed to mirrors (longer zeroing goes in pieces): bounds how many
+ *  write-intent extents one change holds. NBD writes are smaller (the payload limit). */
+export const REPLICATED_CHANGE_BYTES_MAX = 64 * 1024 * 1024;
 
 const NBD_STATE_HOLE = 1;
 const NBD_STATE_ZERO = 2;
@@ -86,6 +89,8 @@ export class Volume implements BlockBackend {
   private readonly clientReadOnly: boolean;
   /** Mirrors of this volume: every client write, zeroing and flush is also handed to them. */
   private replicas: readonly VolumeReplica[] = [];
+  /** The mirrors' write-intent log: replicated changes record their extents in it first. */
+  private writeIntent: WriteIntent | undefined;
 
   private constructor(spec: VolumeSpec, file: BlockFile, logger: Logger) {
     this.spec = spec;
@@ -206,6 +211,10 @@ export class Volume implements BlockBackend {
     this.replicas = this.replicas.filter((attached) => attached !== replica);
   }
 
+  setWriteIntent(intent: WriteIntent | undefined): void {
+    this.writeIntent = intent;
+  }
+
   /**
    * Reads [offset, offset + buffer.length) for a mirror's copy while no client write to that
    * range is in progress, and calls `onRead` before any new one may start: whatever `onRead`
@@ -245,7 +254,16 @@ export class Volume implements BlockBackend {
    * window: overlapping writes reach the local device and every mirror in the same order, and
    * a mirror's copy read (readForCopy) falls wholly before or after each write.
    */
-  private writeReplicated(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
+  private async writeReplicated(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
+    // A very long write (the NBD payload limit allows up to 1 GiB) goes in pieces, like zeroing.
+    for (let done = 0; done < data.length; ) {
+      const end = data.length - done <= REPLICATED_CHANGE_BYTES_MAX ? data.length : this.alignDown(offsetBytes + done + REPLICATED_CHANGE_BYTES_MAX) - offsetBytes;
+      await this.writeReplicatedPiece(offsetBytes + done, data.subarray(done, end), fua);
+      done = end;
+    }
+  }
+
+  private writeReplicatedPiece(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
     const aligned = this.isAligned(offsetBytes, data.length);
     return this.changeReplicated(
       offsetBytes,
@@ -260,14 +278,22 @@ export class Volume implements BlockBackend {
     );
   }
 
-  /** Zeroing (and trim, which becomes zeroing) while mirrors are attached; ordered like writes. */
-  private writeZeroesReplicated(offsetBytes: number, lengthBytes: number, options: WriteZeroesOptions): Promise<void> {
-    return this.changeReplicated(
-      offsetBytes,
-      lengthBytes,
-      () => this.zeroUnlocked(offsetBytes, lengthBytes, options),
-      (replica, local) => replica.replicateZeroes(offsetBytes, lengthBytes, options.fua, local),
-    );
+  /** Zeroing (and trim, which becomes zeroing) while mirrors are attached; ordered like writes.
+   *  A long range goes in pieces, so one change never spans more than the write-intent log
+   *  holds (NBD makes no promise about how a zeroing overlaps concurrent writes). */
+  private async writeZeroesReplicated(offsetBytes: number, lengthBytes: number, options: WriteZeroesOptions): Promise<void> {
+    const endBytes = offsetBytes + lengthBytes;
+    for (let pieceBytes = offsetBytes; pieceBytes < endBytes; ) {
+      const pieceEnd = endBytes - pieceBytes <= REPLICATED_CHANGE_BYTES_MAX ? endBytes : this.alignDown(pieceBytes + REPLICATED_CHANGE_BYTES_MAX);
+      const start = pieceBytes;
+      await this.changeReplicated(
+        start,
+        pieceEnd - start,
+        () => this.zeroUnlocked(start, pieceEnd - start, options),
+        (replica, local) => replica.replicateZeroes(start, pieceEnd - start, options.fua, local),
+      );
+      pieceBytes = pieceEnd;
+    }
   }
 
   /** Runs one change of [offset, offset + length) locally and hands it to every replica, under
@@ -280,6 +306,24 @@ export class Volume implements BlockBackend {
   ): Promise<void> {
     await this.admitReplicas();
     this.checkDeviceWritable();
+    const intent = this.writeIntent;
+    if (intent !== undefined) {
+      const recorded = intent.acquire(offsetBytes, lengthBytes);
+      if (recorded !== undefined) await recorded;
+    }
+    try {
+      await this.changeReplicatedRecorded(offsetBytes, lengthBytes, change, hand);
+    } finally {
+      intent?.release(offsetBytes, lengthBytes);
+    }
+  }
+
+  private async changeReplicatedRecorded(
+    offsetBytes: number,
+    lengthBytes: number,
+    change: () => Promise<void>,
+    hand: (replica: VolumeReplica, local: Promise<void>) => Promise<void>,
+  ): Promise<void> {
     this.begin();
     try {
       const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + lengthBytes), true);

@@ -51,6 +51,7 @@ t.test('flags override the file, the file overrides defaults', async (t) => {
   t.same(fromFile, {
     nodeName: 'hostA',
     replication: { ...replicationTimingDefaults, ackTimeoutMs: 5000 },
+    writeIntent: { activityLogExtents: 512 },
     controlSocket: '/run/x/c.sock',
     nbdSocket: defaults.nbdSocket,
     nbdListen: { host: '127.0.0.1', port: 10809 },
@@ -71,6 +72,11 @@ t.test('flags override the file, the file overrides defaults', async (t) => {
   t.throws(() => resolveConfig({ config: file, nodeName: 'no spaces' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: /^--node-name: / });
   const badTiming = writeConfig(t, JSON.stringify({ replication: { backoffBaseMs: 5000, backoffMaxMs: 10 } }));
   t.throws(() => resolveConfig({ config: badTiming }), { code: 'BM_ERR_CONFIG', message: /backoffBaseMs must not exceed backoffMaxMs/ });
+  t.equal(resolveConfig({ config: file }).writeIntent.activityLogExtents, 512, 'write-intent log on by default');
+  const off = writeConfig(t, JSON.stringify({ writeIntent: { activityLogExtents: 0 } }));
+  t.equal(resolveConfig({ config: off }).writeIntent.activityLogExtents, 0, '0 switches it off');
+  const tooSmall = writeConfig(t, JSON.stringify({ writeIntent: { activityLogExtents: 10 } }));
+  t.throws(() => resolveConfig({ config: tooSmall }), { code: 'BM_ERR_CONFIG', message: /writeIntent\.activityLogExtents.*34\.\.1014/ });
 });
 
 t.test('blockmirrord exits 1 naming the field of a bad config file', async (t) => {

@@ -5,7 +5,8 @@
 // TCP proxy cut (test/helpers/tcp-proxy.ts), a persist() that throws.
 import crypto from 'node:crypto';
 import pino, { type Logger } from 'pino';
-import { Mirror, type MirrorTiming } from '../../src/replication/mirror';
+import { DirtyBitmap } from '../../src/native/index';
+import { Mirror, REGION_BYTES, type MirrorTiming } from '../../src/replication/mirror';
 import type { MirrorRecord } from '../../src/replication/mirror-store';
 import { ReplicationServer } from '../../src/replication/target-server';
 import type { MirrorSourceBinding } from '../../src/daemon/registry';
@@ -67,6 +68,9 @@ export class FakeSource implements ReplicaSource {
   attachReplica(replica: VolumeReplica): void {
     this.replicas.push(replica);
   }
+
+  /** No write-intent log here: these tests run no crash recovery. */
+  setWriteIntent(): void {}
 
   detachReplica(replica: VolumeReplica): void {
     this.replicas = this.replicas.filter((other) => other !== replica);
@@ -243,7 +247,11 @@ export function startMirror(
       options.persist?.(record);
       saved = record;
     },
-    savedBitmap: undefined,
+    initialDirty: allDirty(),
+    recovery: { kind: 'new', detail: 'test', dirtyBytesAtStart: SIZE_BYTES },
+    writeIntentInfo: () => null,
+    onTargetDurable: () => undefined,
+    persistBitmap: async () => undefined,
     timing: { ...fastTiming, ...options.timing },
     logger: options.logger.child({ side: 'source' }),
   });
@@ -254,4 +262,8 @@ export function startMirror(
   return { mirror, saved: () => saved };
 }
 
-
+function allDirty(): DirtyBitmap {
+  const bitmap = new DirtyBitmap(SIZE_BYTES, REGION_BYTES);
+  bitmap.setRange(0, SIZE_BYTES);
+  return bitmap;
+}

@@ -41,6 +41,8 @@ export interface MirrorPair {
   targetSecretFile: string;
   restartTarget(): Promise<void>;
   restartSource(): Promise<void>;
+  /** SIGKILL the source daemon (a crash), then start it again on the same state dir. */
+  crashSource(beforeStart?: () => void | Promise<void>): Promise<void>;
   addMirror(options?: { mode?: 'sync' | 'stack'; onDisconnect?: 'continue' | 'block'; maxRateBytesPerSec?: number }): Promise<MirrorStatus>;
   status(): Promise<MirrorStatus>;
   waitFor(predicate: (status: MirrorStatus) => boolean, what: string, timeoutMs?: number): Promise<MirrorStatus>;
@@ -59,6 +61,8 @@ export interface MirrorStatus {
   cause: { event: string; reason: string; code: string | null };
   sent: { liveBytes: number; copyBytes: number; zeroBytes: number; liveWrites: number };
   history: Array<{ from: string; to: string; event: string; reason: string }>;
+  recovery: { kind: string; detail: string; dirtyBytesAtStart: number };
+  writeIntent: { capacityExtents: number; hotExtents: number; transactions: number; pageWrites: number; acquires: number; acquiresWaited: number } | null;
 }
 
 function writeConfig(paths: DaemonPaths, timing: Partial<typeof testReplicationTiming> = {}): void {
@@ -119,6 +123,11 @@ export async function startMirrorPair(t: TestLike, options: MirrorPairOptions): 
     },
     async restartSource() {
       await source.stop('SIGTERM');
+      source = await startDaemon(t, { paths: sourcePaths, args: ['--node-name', 'hostA'] });
+    },
+    async crashSource(beforeStart) {
+      await source.stop('SIGKILL');
+      await beforeStart?.();
       source = await startDaemon(t, { paths: sourcePaths, args: ['--node-name', 'hostA'] });
     },
     async addMirror(mirrorOptions = {}) {

@@ -1,17 +1,12 @@
-// mirrors.json (versioned, validated on load, atomic) and the per-mirror bitmap files saved at a
-// clean shutdown and taken (read once, then removed) at the next start.
+// mirrors.json: versioned, validated on load, written atomically. (Bitmap files: test/write-intent/.)
 import t from 'tap';
-import { randomUUID, randomBytes } from 'node:crypto';
-import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { randomUUID } from 'node:crypto';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import {
-  bitmapPath,
   loadMirrors,
   mirrorsPath,
   mirrorsVersion,
-  removeBitmapFile,
-  saveBitmapFile,
   saveMirrors,
-  takeBitmapFile,
   type MirrorRecord,
 } from '../../src/replication/mirror-store';
 import { scratchDir } from '../helpers/loop';
@@ -119,34 +114,4 @@ t.test('save refuses an invalid record and leaves the previous file in place', a
   t.throws(() => saveMirrors(dir, [good, bad]));
   t.same(readFileSync(mirrorsPath(dir)), before, 'file unchanged');
   t.same(loadMirrors(dir), [good]);
-});
-
-t.test('bitmap files: save, take (removes the file), take again returns undefined', async (t) => {
-  const dir = scratchDir(t);
-  const id = randomUUID();
-  t.equal(takeBitmapFile(dir, id), undefined, 'nothing saved yet (and no mirrors/ directory)');
-
-  const serialized = randomBytes(4096 + 17);
-  saveBitmapFile(dir, id, serialized);
-  const filePath = bitmapPath(dir, id);
-  t.ok(filePath.startsWith(`${dir}/mirrors/`) && filePath.endsWith(`${id}.bitmap`), filePath);
-  t.ok(existsSync(filePath));
-  t.equal(statSync(filePath).mode & 0o777, 0o640);
-
-  // Saving again replaces the content.
-  const newer = randomBytes(128);
-  saveBitmapFile(dir, id, newer);
-  const other = randomUUID();
-  saveBitmapFile(dir, other, serialized);
-
-  const taken = takeBitmapFile(dir, id);
-  t.ok(taken !== undefined && taken.equals(newer), 'take returns the last saved bytes');
-  t.notOk(existsSync(filePath), 'take removed the file');
-  t.equal(takeBitmapFile(dir, id), undefined, 'a second take finds nothing');
-
-  t.ok(existsSync(bitmapPath(dir, other)), 'other mirrors\' bitmaps are untouched');
-  removeBitmapFile(dir, other);
-  t.notOk(existsSync(bitmapPath(dir, other)));
-  t.doesNotThrow(() => removeBitmapFile(dir, other), 'remove is idempotent');
-  t.equal(takeBitmapFile(dir, other), undefined);
 });
