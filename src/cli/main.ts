@@ -139,12 +139,18 @@ function buildProgram(): Command {
     .description('start mirroring a volume to a mirror volume on a peer (first a full copy, then live)')
     .requiredOption('--peer <name>', 'the peer daemon that holds the target')
     .requiredOption('--target <name>', 'the mirror volume on the peer (added there with --mirror)')
-    .option('--mode <mode>', 'sync: a write is acknowledged once written locally and on the target; stack: once written locally, dirty regions shipped in the background', 'sync')
+    .option('--mode <mode>', 'sync: a write is acknowledged once written locally and on the target; async: once written locally, then sent in order (the target stays crash consistent); stack: once written locally, dirty regions shipped in the background', 'sync')
+    .option('--async-buffer <size>', 'async mode: bytes of writes in flight to the target before the mirror falls back to its dirty bitmap (K, M or G suffix; default 64M)')
     .option('--on-disconnect <policy>', 'continue: keep writing and resync the dirty regions later; block: hold writes until in sync again', 'continue')
     .option('--max-rate <rate>', 'cap the copy traffic, bytes per second with an optional K, M or G suffix (live writes are never capped)')
     .exitOverride()
-    .action((volumeName: string, options: { peer: string; target: string; mode: string; onDisconnect: string; maxRate?: string }) => {
+    .action((volumeName: string, options: { peer: string; target: string; mode: string; onDisconnect: string; maxRate?: string; asyncBuffer?: string }) => {
       const params: Record<string, unknown> = { volume: volumeName, peer: options.peer, target: options.target, mode: options.mode, onDisconnect: options.onDisconnect };
+      if (options.asyncBuffer !== undefined) {
+        const bytes = parseRate(options.asyncBuffer);
+        if (bytes === null) throw usageError('--async-buffer: expected a size in bytes with an optional K, M or G suffix, e.g. 64M');
+        params.asyncBufferBytes = bytes;
+      }
       if (options.maxRate !== undefined) {
         const rate = parseRate(options.maxRate);
         if (rate === null) throw usageError('--max-rate: expected a positive number of bytes per second, e.g. 50M');

@@ -32,7 +32,11 @@ export function parsePeerAddress(text: string): HostPort | null {
  *  DRBD protocol C). stack: acknowledged once local; only the dirty bitmap records it and the
  *  copier ships dirty regions in the background (REC asynchronous stack): lowest overhead, no
  *  ordering promise. Asynchronous consistency mode arrives with issue 4. */
-export const mirrorModes = ['sync', 'stack'] as const;
+export const mirrorModes = ['sync', 'async', 'stack'] as const;
+/** Async mode's buffer of writes sent and not yet acknowledged: default and bounds. */
+export const asyncBufferBytesDefault = 64 * 1024 * 1024;
+export const asyncBufferBytesMin = 1024 * 1024;
+export const asyncBufferBytesMax = 1024 * 1024 * 1024;
 /** continue: a disconnected mirror records dirty regions and writes go on; block: writes wait
  *  until the mirror is in sync again (once it has been). */
 export const onDisconnectPolicies = ['continue', 'block'] as const;
@@ -79,6 +83,7 @@ export const paramsSchemas = {
     mode: z.enum(mirrorModes).optional(),
     onDisconnect: z.enum(onDisconnectPolicies).optional(),
     maxRateBytesPerSec: z.number().int().positive().max(Number.MAX_SAFE_INTEGER).optional(),
+    asyncBufferBytes: z.number().int().min(asyncBufferBytesMin).max(asyncBufferBytesMax).optional(),
   }),
   'mirror.list': z.strictObject({}),
   'mirror.status': z.strictObject({ volume: volumeName, peer: peerName.optional() }),
@@ -178,6 +183,11 @@ export interface MirrorInfo {
   sent: { liveBytes: number; copyBytes: number; zeroBytes: number; liveWrites: number };
   nextRetryAt: string | null;
   history: Array<{ from: string; to: string; event: string; reason: string; code: string | null; at: string }>;
+  /** Async mode only (else null): the ordered buffer of writes sent and not yet acknowledged,
+   *  and whether writes travel ordered with no catch-up copy still landing (the target is crash
+   *  consistent), or the mirror fell back to the dirty bitmap after the buffer filled or a crack
+   *  (catching up; ordered again once clean). */
+  async: { ordered: boolean; bufferBytes: number; bufferedBytes: number; bufferedWrites: number; overflows: number } | null;
   /** Where this run's dirty bitmap came from (see docs/WRITE-INTENT.md). */
   recovery: MirrorRecovery;
   /** The source volume's write-intent log; null when it is switched off. */

@@ -121,8 +121,11 @@ export class MirrorManager {
       if (records.some((record) => record.volume === params.volume && record.peer === params.peer)) {
         throw new BmError(ControlErrorCode.MirrorExists, `volume ${params.volume} already has a mirror on ${params.peer}`);
       }
-      if (params.mode === 'stack' && params.onDisconnect === 'block') {
-        throw new BmError(ControlErrorCode.InvalidArgument, 'onDisconnect: block holds writes the target lacks, but stack mode never waits for the target; use sync mode');
+      if (params.mode !== undefined && params.mode !== 'sync' && params.onDisconnect === 'block') {
+        throw new BmError(ControlErrorCode.InvalidArgument, `onDisconnect: block holds writes the target lacks, but ${params.mode} mode never waits for the target; use sync mode`);
+      }
+      if (params.asyncBufferBytes !== undefined && params.mode !== 'async') {
+        throw new BmError(ControlErrorCode.InvalidArgument, 'asyncBufferBytes applies to async mode only');
       }
       if (records.filter((record) => record.volume === params.volume).length >= mirrorsPerVolumeMax) {
         throw new BmError(ControlErrorCode.InvalidArgument, `volume ${params.volume} already has ${mirrorsPerVolumeMax} mirrors (the limit)`);
@@ -136,6 +139,7 @@ export class MirrorManager {
         mode: params.mode ?? 'sync',
         onDisconnect: params.onDisconnect ?? 'continue',
         maxRateBytesPerSec: params.maxRateBytesPerSec ?? null,
+        ...(params.asyncBufferBytes === undefined ? {} : { asyncBufferBytes: params.asyncBufferBytes }),
         generation: newGeneration(),
         fullCopyDone: false,
         suspended: false,
@@ -329,6 +333,7 @@ function dormantInfo(record: MirrorRecord): MirrorInfo {
     sent: { liveBytes: 0, copyBytes: 0, zeroBytes: 0, liveWrites: 0 },
     nextRetryAt: null,
     history: [],
+    async: null,
     recovery: { kind: 'metadata-lost', detail: 'not running: its source volume is not online', dirtyBytesAtStart: 0 },
     writeIntent: null,
   };

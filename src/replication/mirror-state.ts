@@ -34,6 +34,7 @@ export const MIRROR_ERROR_CODES = [
   'BM_ERR_TARGET_IO', // the target reported a device error (EIO, ENOSPC) writing replicated data
   'BM_ERR_SOURCE_IO', // reading the source volume for a copy failed
   'BM_ERR_SPLIT_BRAIN', // both sides written independently (generation identifiers diverged)
+  'BM_ERR_TARGET_UNSUPPORTED', // the target lacks a capability the mirror's mode needs (ordered writes for async)
 ] as const;
 export type MirrorErrorCode = (typeof MIRROR_ERROR_CODES)[number];
 const MIRROR_ERROR_CODE_SET: ReadonlySet<string> = new Set(MIRROR_ERROR_CODES);

@@ -12,7 +12,8 @@
 // critical section in which it reads and sends the bytes.
 import assert from 'node:assert';
 import type { Logger } from 'pino';
-import type { MirrorInfo, MirrorRecovery, WriteIntentInfo } from '../control/protocol';
+import { asyncBufferBytesDefault, type MirrorInfo, type MirrorRecovery, type WriteIntentInfo } from '../control/protocol';
+import { Capability } from '../wire/index';
 import { BufferPool, DirtyBitmap, type DirtyRun } from '../native/index';
 import type { ReplicaSource, VolumeReplica } from '../volume/replica';
 import { ExponentialBackoff } from './backoff';
@@ -148,6 +149,10 @@ export class Mirror implements VolumeReplica {
    *  and what target flushes in progress cover. They may still differ (mayDiffer). */
   private readonly copiesInFlight = new Set<DirtyRun>();
   private readonly flushesInFlight = new Set<DirtyBitmap>();
+  /** Async mode: writes sent in order and not yet acknowledged (the bounded buffer). */
+  private readonly asyncInFlight = new Set<DirtyRun>();
+  private asyncBytes = 0;
+  private asyncOverflows = 0;
 
   constructor(options: MirrorOptions) {
     this.options = options;
@@ -304,6 +309,10 @@ export class Mirror implements VolumeReplica {
         code: entry.cause.code,
         at: new Date(entry.atMs).toISOString(),
       })),
+      async:
+        this.record.mode === 'async'
+          ? { ordered: this.isOrdered() && this.copiesInFlight.size === 0, bufferBytes: this.asyncBufferBytes(), bufferedBytes: this.asyncBytes, bufferedWrites: this.asyncInFlight.size, overflows: this.asyncOverflows }
+          : null,
       recovery: { ...this.options.recovery },
       writeIntent: this.options.writeIntentInfo(),
     };
@@ -314,8 +323,10 @@ export class Mirror implements VolumeReplica {
   mayDiffer(startBytes: number, endBytes: number): DirtyRun[] {
     const runs: DirtyRun[] = [];
     for (const bitmap of [this.dirty, this.unflushed, ...this.flushesInFlight]) runsBetween(bitmap, startBytes, endBytes, runs);
-    for (const copy of this.copiesInFlight) {
-      if (copy.offsetBytes < endBytes && copy.offsetBytes + copy.lengthBytes > startBytes) runs.push(copy);
+    for (const inTransit of [this.copiesInFlight, this.asyncInFlight]) {
+      for (const run of inTransit) {
+        if (run.offsetBytes < endBytes && run.offsetBytes + run.lengthBytes > startBytes) runs.push(run);
+      }
     }
     return runs;
   }
@@ -327,16 +338,19 @@ export class Mirror implements VolumeReplica {
   }
 
   replicateWrite(offsetBytes: number, data: Buffer, fua: boolean, local: Promise<void>): Promise<void> {
+    if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, data.length, data, local);
     return this.forward(offsetBytes, data.length, local, (link) => link.write(offsetBytes, data, data.length, fua));
   }
 
   replicateZeroes(offsetBytes: number, lengthBytes: number, fua: boolean, local: Promise<void>): Promise<void> {
+    if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, lengthBytes, undefined, local);
     return this.forward(offsetBytes, lengthBytes, local, (link) => link.write(offsetBytes, undefined, lengthBytes, fua));
   }
 
   async replicateFlush(): Promise<void> {
-    // Stack mode promises nothing about the target: a flush is the local device's alone.
-    if (this.record.mode === 'stack') return;
+    // Stack and async modes promise nothing about when the target has it: a flush is the local
+    // device's alone.
+    if (this.record.mode !== 'sync') return;
     const link = this.liveLink();
     if (link === null) {
       // Nothing to make durable there; what the target lacks is dirty. A strict mirror holds
@@ -383,6 +397,53 @@ export class Mirror implements VolumeReplica {
       return result;
     });
     return this.settle(local, offsetBytes, lengthBytes, sent);
+  }
+
+  /**
+   * Async consistency mode (REC async consistency, DRBD protocol A): the client's write is done
+   * once local; it travels to the target as an ordered write (applied after every earlier one,
+   * so the target always holds a prefix of the source's writes). What is sent and not yet
+   * acknowledged is bounded; when that buffer is full, or while any region is dirty (catching
+   * up after a fallback or a crack), writes only mark the bitmap, and ordered sending resumes
+   * once the copier has made it clean.
+   */
+  private async forwardOrdered(offsetBytes: number, lengthBytes: number, data: Buffer | undefined, local: Promise<void>): Promise<void> {
+    const link = this.liveLink();
+    const overflow = this.asyncBytes + lengthBytes > this.asyncBufferBytes();
+    if (link === null || !this.isOrdered() || overflow) {
+      if (link !== null && overflow && this.isOrdered()) {
+        this.asyncOverflows++;
+        this.logger.warn({ bufferedBytes: this.asyncBytes, bufferBytes: this.asyncBufferBytes() }, 'async buffer full: tracking writes in the dirty bitmap until the target catches up');
+      }
+      this.markDirty(offsetBytes, lengthBytes);
+      return this.settle(local, offsetBytes, lengthBytes, Promise.resolve<SendResult>('lost'));
+    }
+    // The client may reuse its buffer as soon as we return: the buffer holds a copy.
+    const payload = data === undefined ? undefined : Buffer.from(data);
+    const entry: DirtyRun = { offsetBytes, lengthBytes };
+    this.asyncInFlight.add(entry);
+    this.asyncBytes += lengthBytes;
+    this.sent.liveWrites++;
+    this.sent.liveBytes += lengthBytes;
+    void link.write(offsetBytes, payload, lengthBytes, false, true).then((result) => {
+      if (result === 'ok') this.unflushed.setRange(offsetBytes, lengthBytes);
+      else this.markDirty(offsetBytes, lengthBytes);
+      this.asyncInFlight.delete(entry);
+      this.asyncBytes -= lengthBytes;
+      if (result === 'failed') this.targetFailed(link);
+    });
+    // A failed local write leaves bytes on the target the source does not hold.
+    await local.catch(() => this.markDirty(offsetBytes, lengthBytes));
+  }
+
+  /** Async mode sends ordered writes: connected, caught up, and the target takes them. */
+  private isOrdered(): boolean {
+    const link = this.liveLink();
+    return link !== null && this.machine.state === 'INSYNC' && this.dirty.count() === 0 && (link.reply.capabilities & Capability.ORDERED_WRITES) !== 0;
+  }
+
+  private asyncBufferBytes(): number {
+    return this.record.asyncBufferBytes ?? asyncBufferBytesDefault;
   }
 
   private async settle(local: Promise<void>, offsetBytes: number, lengthBytes: number, sent: Promise<SendResult>): Promise<void> {
@@ -564,7 +625,7 @@ export class Mirror implements VolumeReplica {
           sizeBytes: info.sizeBytes,
           logicalSectorBytes: info.logicalSectorBytes,
           generationIds: [record.generation],
-          capabilities: 0,
+          capabilities: Capability.ORDERED_WRITES,
         },
         connectTimeoutMs: this.options.timing.connectTimeoutMs,
         ackTimeoutMs: this.options.timing.ackTimeoutMs,
@@ -584,6 +645,11 @@ export class Mirror implements VolumeReplica {
     if (this.stopping || this.machine.state !== 'MAKEPARTS' || this.record.suspended) {
       link.close('mirror stopped while connecting');
       if (this.record.suspended && this.machine.canFire('stop')) this.fire({ type: 'stop', reason: 'suspended by the admin' });
+      return;
+    }
+    if (record.mode === 'async' && (link.reply.capabilities & Capability.ORDERED_WRITES) === 0) {
+      link.close('the target does not apply ordered writes');
+      this.fire({ type: 'validationFailed', code: 'BM_ERR_TARGET_UNSUPPORTED', reason: `the daemon on ${record.peer} does not support ordered writes, which async mode needs; upgrade it or use sync or stack mode` });
       return;
     }
     this.link = link;

@@ -138,11 +138,12 @@ export class SourceLink {
     return this.closeReason === null;
   }
 
-  /** Sends a write (payload undefined: zeroes over lengthBytes). Resolves with its outcome. */
-  write(offsetBytes: number, payload: Buffer | undefined, lengthBytes: number, fua: boolean): Promise<SendResult> {
+  /** Sends a write (payload undefined: zeroes over lengthBytes). Resolves with its outcome.
+   *  `ordered`: the target applies it only after every earlier write landed (async mode). */
+  write(offsetBytes: number, payload: Buffer | undefined, lengthBytes: number, fua: boolean, ordered = false): Promise<SendResult> {
     if (this.closeReason !== null) return Promise.resolve('lost');
     const sequence = this.nextSequence++;
-    const flags = (fua ? WriteFlag.FUA : 0) | (payload === undefined ? WriteFlag.ZEROES : 0);
+    const flags = (fua ? WriteFlag.FUA : 0) | (payload === undefined ? WriteFlag.ZEROES : 0) | (ordered ? WriteFlag.ORDERED : 0);
     return this.track(sequence, () =>
       this.channel.send(wireMessage('write', { sequence, offsetBytes, lengthBytes, flags }), payload),
     );

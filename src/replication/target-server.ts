@@ -13,6 +13,7 @@ import {
   PROTOCOL_VERSION,
   wireMessage,
   WriteFlag,
+  Capability,
   type ErrorCodeName,
   type Hello,
   type StatusName,
@@ -28,6 +29,8 @@ export const replicationConnectionsMax = 64;
 const SESSION_OPS_MAX = 256;
 const SESSION_BYTES_MAX = 64 * 1024 * 1024;
 const HELLO_TIMEOUT_MS = 10_000;
+/** What this target offers; the reply carries the intersection with what the source asks. */
+const TARGET_CAPABILITIES = Capability.ORDERED_WRITES;
 
 export interface TargetLookup {
   record: { name: string; role: string; mirrorSource?: MirrorSourceBinding };
@@ -168,7 +171,7 @@ export class ReplicationServer {
         sizeBytes: info.sizeBytes,
         logicalSectorBytes: info.logicalSectorBytes,
         generationIds: knownGenerations,
-        capabilities: 0,
+        capabilities: hello.capabilities & TARGET_CAPABILITIES,
       }),
     );
     log.info({ volume: hello.targetVolumeName, source: hello.volumeName, sourceUuid: hello.volumeUuid, resumed: knownGenerations.length > 0 }, 'replication session started');
@@ -300,8 +303,9 @@ class TargetSession {
     const { sequence, offsetBytes, lengthBytes, flags } = write;
     const zeroes = (flags & WriteFlag.ZEROES) !== 0;
     const fua = (flags & WriteFlag.FUA) !== 0;
+    const ordered = (flags & WriteFlag.ORDERED) !== 0;
     const invalid =
-      (flags & ~(WriteFlag.ZEROES | WriteFlag.FUA)) !== 0
+      (flags & ~(WriteFlag.ZEROES | WriteFlag.FUA | WriteFlag.ORDERED)) !== 0
         ? `unknown write flags ${flags}`
         : lengthBytes <= 0
           ? 'empty write'
@@ -314,9 +318,12 @@ class TargetSession {
     }
     const bytes = payload?.length ?? 0;
     this.inFlightBytes += bytes;
-    const applied = this.order.run(offsetBytes, lengthBytes, () =>
-      zeroes || payload === undefined ? this.volume.mirrorWriteZeroes(offsetBytes, lengthBytes, fua) : this.volume.mirrorWrite(offsetBytes, payload, fua),
-    );
+    // An ordered write starts once every earlier operation landed, so the device always holds
+    // a prefix of the source's ordered writes (crash consistent); others only wait for overlaps.
+    const earlier = ordered ? this.order.drain() : undefined;
+    const apply = (): Promise<void> =>
+      zeroes || payload === undefined ? this.volume.mirrorWriteZeroes(offsetBytes, lengthBytes, fua) : this.volume.mirrorWrite(offsetBytes, payload, fua);
+    const applied = this.order.run(offsetBytes, lengthBytes, earlier === undefined ? apply : () => earlier.then(apply));
     applied.then(
       () => {
         this.appliedWrites++;

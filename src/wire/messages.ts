@@ -35,12 +35,14 @@ export const Capability = {
   BITMAP_EXCHANGE: 8,
   SNAPSHOT: 16,
   VERIFY: 32,
+  ORDERED_WRITES: 64,
 } as const;
 
 /** Values of enum WriteFlag (bits of Write.flags). */
 export const WriteFlag = {
   FUA: 1,
   ZEROES: 2,
+  ORDERED: 4,
 } as const;
 
 export const PROTOCOL_VERSION = 1;

@@ -43,7 +43,7 @@ export interface MirrorPair {
   restartSource(): Promise<void>;
   /** SIGKILL the source daemon (a crash), then start it again on the same state dir. */
   crashSource(beforeStart?: () => void | Promise<void>): Promise<void>;
-  addMirror(options?: { mode?: 'sync' | 'stack'; onDisconnect?: 'continue' | 'block'; maxRateBytesPerSec?: number }): Promise<MirrorStatus>;
+  addMirror(options?: { mode?: 'sync' | 'async' | 'stack'; onDisconnect?: 'continue' | 'block'; maxRateBytesPerSec?: number; asyncBufferBytes?: number }): Promise<MirrorStatus>;
   status(): Promise<MirrorStatus>;
   waitFor(predicate: (status: MirrorStatus) => boolean, what: string, timeoutMs?: number): Promise<MirrorStatus>;
 }
@@ -62,6 +62,7 @@ export interface MirrorStatus {
   sent: { liveBytes: number; copyBytes: number; zeroBytes: number; liveWrites: number };
   history: Array<{ from: string; to: string; event: string; reason: string }>;
   recovery: { kind: string; detail: string; dirtyBytesAtStart: number };
+  async: { ordered: boolean; bufferBytes: number; bufferedBytes: number; bufferedWrites: number; overflows: number } | null;
   writeIntent: { capacityExtents: number; hotExtents: number; transactions: number; pageWrites: number; acquires: number; acquiresWaited: number } | null;
 }
 
