@@ -4,12 +4,13 @@
 import crypto from 'node:crypto';
 import type { Logger } from 'pino';
 import { BmError, ControlErrorCode, errorMessage } from '../control/errors';
-import type { MethodParams, MirrorInfo, MirrorRemoveResult } from '../control/protocol';
+import { syncTimeoutMsDefault, type MethodParams, type MirrorInfo, type MirrorRemoveResult } from '../control/protocol';
 import { DirtyBitmap } from '../native/index';
 import type { ReplicaSource } from '../volume/replica';
 import { Mirror, MirrorError, newGeneration, REGION_BYTES, type MirrorTiming, type PeerEndpoint } from './mirror';
 import { mirrorsMax, mirrorsPerVolumeMax, removeBitmapFile, saveBitmapFile, saveMirrors, takeBitmapFile, type MirrorRecord } from './mirror-store';
 import { ChangeQueue } from '../daemon/change-queue';
+import { defaultOnTimeout, settingsProblem, syncPolicyOf } from './sync-timeout';
 
 export interface MirrorManagerOptions {
   stateDir: string;
@@ -89,9 +90,10 @@ export class MirrorManager {
       if (records.some((record) => record.volume === params.volume && record.peer === params.peer)) {
         throw new BmError(ControlErrorCode.MirrorExists, `volume ${params.volume} already has a mirror on ${params.peer}`);
       }
-      if (params.mode === 'stack' && params.onDisconnect === 'block') {
-        throw new BmError(ControlErrorCode.InvalidArgument, 'onDisconnect: block holds writes the target lacks, but stack mode never waits for the target; use sync mode');
-      }
+      const onDisconnect = params.onDisconnect ?? 'continue';
+      const settings = { mode: params.mode ?? 'sync', onDisconnect, syncTimeoutMs: params.syncTimeoutMs ?? syncTimeoutMsDefault, onTimeout: params.onTimeout ?? defaultOnTimeout(onDisconnect) };
+      const problem = settingsProblem(settings);
+      if (problem !== undefined) throw new BmError(ControlErrorCode.InvalidArgument, problem);
       if (records.filter((record) => record.volume === params.volume).length >= mirrorsPerVolumeMax) {
         throw new BmError(ControlErrorCode.InvalidArgument, `volume ${params.volume} already has ${mirrorsPerVolumeMax} mirrors (the limit)`);
       }
@@ -101,9 +103,11 @@ export class MirrorManager {
         volume: params.volume,
         peer: params.peer,
         target: params.target,
-        mode: params.mode ?? 'sync',
-        onDisconnect: params.onDisconnect ?? 'continue',
+        mode: settings.mode,
+        onDisconnect: settings.onDisconnect,
         maxRateBytesPerSec: params.maxRateBytesPerSec ?? null,
+        syncTimeoutMs: settings.syncTimeoutMs,
+        onTimeout: settings.onTimeout,
         generation: newGeneration(),
         fullCopyDone: false,
         suspended: false,
@@ -160,6 +164,31 @@ export class MirrorManager {
         throw error;
       }
       this.logger.info({ volume: params.volume, peer: mirror.key.peer, command }, `mirror ${command}`);
+      return mirror.info();
+    });
+  }
+
+  /** mirror.set: changes a running mirror's mode, policies or copy rate, persisted before the
+   *  answer. The resulting combination must make sense (settingsProblem). */
+  set(params: MethodParams<'mirror.set'>): Promise<MirrorInfo> {
+    return this.changes.run(async () => {
+      const mirror = this.find(params.volume, params.peer);
+      const { volume: _volume, peer: _peer, ...change } = params;
+      if (Object.values(change).every((value) => value === undefined)) {
+        throw new BmError(ControlErrorCode.InvalidArgument, 'nothing to change: give at least one of mode, onDisconnect, onTimeout, syncTimeoutMs, maxRateBytesPerSec');
+      }
+      const record = mirror.currentRecord;
+      const current = { mode: record.mode, onDisconnect: record.onDisconnect, ...syncPolicyOf(record) };
+      const next = { ...current, ...Object.fromEntries(Object.entries(change).filter(([key, value]) => value !== undefined && key in current)) };
+      const problem = settingsProblem(next);
+      if (problem !== undefined) throw new BmError(ControlErrorCode.InvalidArgument, problem);
+      try {
+        mirror.set(change);
+      } catch (error) {
+        if (error instanceof MirrorError) throw new BmError(error.code, error.message);
+        throw error;
+      }
+      this.logger.info({ volume: params.volume, peer: mirror.key.peer, ...change }, 'mirror settings changed');
       return mirror.info();
     });
   }
@@ -254,6 +283,9 @@ function dormantInfo(record: MirrorRecord): MirrorInfo {
     mode: record.mode,
     onDisconnect: record.onDisconnect,
     maxRateBytesPerSec: record.maxRateBytesPerSec,
+    ...syncPolicyOf(record),
+    syncTimeouts: 0,
+    lastSyncTimeoutAt: null,
     state: record.error === null ? 'INIT' : 'ERROR',
     since: record.createdAt,
     cause: { event: 'stop', reason: `not running: source volume ${record.volume} is not online`, code: null },

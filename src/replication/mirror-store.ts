@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
-import { mirrorModes, onDisconnectPolicies, volumeNamePattern } from '../control/protocol';
+import { mirrorModes, onDisconnectPolicies, onTimeoutPolicies, syncTimeoutMsMax, syncTimeoutMsMin, volumeNamePattern } from '../control/protocol';
 import { writeFileAtomicSync } from '../daemon/atomic-file';
 import { loadStateFile, saveStateFile, stateFileCorrupt, type StateFile } from '../daemon/state-file';
 import { MIRROR_ERROR_CODES } from './mirror-state';
@@ -27,6 +27,10 @@ const mirrorRecordSchema = z.strictObject({
   mode: z.enum(mirrorModes),
   onDisconnect: z.enum(onDisconnectPolicies),
   maxRateBytesPerSec: z.number().int().positive().nullable(),
+  /** Sync-mode timeout and its policy (issue 4 part 6). Optional: files written before them load
+   *  with the defaults (sync-timeout.ts, syncPolicyOf). */
+  syncTimeoutMs: z.number().int().min(syncTimeoutMsMin).max(syncTimeoutMsMax).optional(),
+  onTimeout: z.enum(onTimeoutPolicies).optional(),
   /** Names this mirror's history on the target; a new one (admin reset) forces a full copy. */
   generation: z.number().int().positive().max(Number.MAX_SAFE_INTEGER),
   /** The first full copy finished: from now on the bitmap alone says what the target lacks. */
