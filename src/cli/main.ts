@@ -161,7 +161,7 @@ function buildProgram(): Command {
     .description('forget a peer (its secret file is not touched)')
     .exitOverride()
     .action((name: string) => call(program, 'peer.remove', { name }, formatPeerRemoved));
-  const mirror = program.command('mirror').description('replicate volumes to peers: add, status, suspend, resume, reset, remove').exitOverride();
+  const mirror = program.command('mirror').description('replicate volumes to peers: add, status, set, suspend, resume, reset, remove').exitOverride();
   mirror
     .command('add <volume>')
     .description('start mirroring a volume to a mirror volume on a peer (first a full copy, then live)')

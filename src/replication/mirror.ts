@@ -423,7 +423,7 @@ export class Mirror implements VolumeReplica {
       this.logger.warn({ count, waitedMs: Math.round(waitedMs), syncTimeoutMs }, 'the target is slower than the sync timeout; writes keep waiting for it (--on-timeout block)');
       return;
     }
-    const reason = `sync timeout: the target did not acknowledge a forwarded write within ${syncTimeoutMs} ms (--on-timeout suspend); writes go on, tracked in the dirty bitmap`;
+    const reason = `sync timeout: the target did not acknowledge a forwarded write or flush within ${syncTimeoutMs} ms (--on-timeout suspend); writes go on, tracked in the dirty bitmap`;
     this.logger.warn({ count, waitedMs: Math.round(waitedMs), syncTimeoutMs }, 'the target is slower than the sync timeout; cracking the link (--on-timeout suspend)');
     this.crackCause ??= { link, code: 'BM_ERR_SYNC_TIMEOUT', reason };
     link.close(reason);
