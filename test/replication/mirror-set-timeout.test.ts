@@ -10,7 +10,7 @@ import t, { type Test } from 'tap';
 import { syncTimeoutMsDefault } from '../../src/control/protocol';
 import { loadMirrors, mirrorsPath, mirrorsVersion, saveMirrors } from '../../src/replication/mirror-store';
 import { settingsProblem, SyncDeadline, syncPolicyOf } from '../../src/replication/sync-timeout';
-import { deferred } from '../helpers/async';
+import { deferred, settlesWithin } from '../helpers/async';
 import { haveTool, runCli, runTool } from '../helpers/daemon';
 import { scratchDir } from '../helpers/loop';
 import { deviceSha256, qemuIo, startMirrorPair, type MirrorPair, type MirrorStatus } from '../helpers/mirror-pair';
@@ -133,6 +133,43 @@ t.test('--on-timeout block: a write to a stalled target waits past the sync time
   t.ok((finishedAtMs ?? 0) >= resumedAtMs, `it completed only after the path resumed (${Math.round((finishedAtMs ?? 0) - started)} ms after it was issued)`);
   t.ok((await targetBlock(pair, 3 * MiB)).every((byte) => byte === 0x3c), 'and its data is on the target');
   await pair.waitFor((s) => s.state === 'INSYNC' && s.dirtyBytes === 0, 'INSYNC');
+  await expectEqualDevices(t, pair);
+});
+
+t.test('mirror set releases a write held by --on-timeout block; a mode change is refused while the mirror connects', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 16 * MiB, proxy: true, timing: { ackTimeoutMs: 1500 } });
+  const proxy = pair.proxy;
+  if (proxy === undefined) throw new Error('proxy expected');
+  const cli = cliFor(pair);
+  await pair.source.request('mirror.add', { volume: 'vol0', peer: 'hostB', target: 'vol0', syncTimeoutMs: 300, onTimeout: 'block' });
+  await pair.waitFor((s) => s.state === 'INSYNC', 'INSYNC');
+  t.equal((await qemuIo(pair.sourceUri, ['flush'])).code, 0);
+
+  proxy.stall();
+  let finishedAtMs: number | undefined;
+  const write = qemuIo(pair.sourceUri, ['write -P 0x61 5M 64k']).then((result) => {
+    finishedAtMs = performance.now();
+    return result;
+  });
+  // The ack timeout cracks the link; reconnecting through the stalled proxy then sits in
+  // MAKEPARTS until the connect timeout (2 s).
+  await pair.waitFor((s) => s.state === 'MAKEPARTS', 'reconnecting (MAKEPARTS)', 8000);
+  const refused = await cli('mirror', 'set', 'vol0', '--mode', 'stack');
+  t.equal(refused.code, 1);
+  t.match(refused.stderr, /^blockmirror: BM_ERR_MIRROR_COMMAND_NOT_ALLOWED: set-mode is not allowed while the mirror is MAKEPARTS/, 'a mode change waits until the mirror left MAKEPARTS');
+  t.equal((await status(pair)).mode, 'sync', 'the refused change changed nothing');
+  t.equal(finishedAtMs, undefined, 'the write is held');
+
+  const set = await cli('--json', 'mirror', 'set', 'vol0', '--on-timeout', 'suspend', '--max-rate', '10M');
+  t.equal(set.code, 0, set.stderr);
+  t.match(JSON.parse(set.stdout), { onTimeout: 'suspend', maxRateBytesPerSec: 10 * MiB, mode: 'sync' }, 'other settings change in any state');
+  t.ok(await settlesWithin(write, 1000), 'the held write completes at once after --on-timeout suspend (the path is still stalled)');
+  const result = await write;
+  t.notMatch(result.output, /error|failed/i, 'and succeeds');
+  t.ok((await status(pair)).dirtyBytes >= 64 * 1024, 'its region is dirty');
+
+  proxy.resume();
+  await pair.waitFor((s) => s.state === 'INSYNC' && s.dirtyBytes === 0, 'INSYNC after the stall');
   await expectEqualDevices(t, pair);
 });
 
