@@ -129,6 +129,22 @@ export function parseRate(text: string): number | null {
   return Number.isSafeInteger(value) && value > 0 ? value : null;
 }
 
+const durationUnits: Record<string, number> = { ms: 1, s: 1000, m: 60_000, min: 60_000, h: 3_600_000 };
+
+/** "500ms" -> 500, "5s" -> 5000, "1.5s" -> 1500, "2m" -> 120000 (a unit is required: a bare
+ *  number could mean seconds or milliseconds); null when not a positive whole number of ms. */
+export function parseDurationMs(text: string): number | null {
+  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)$/i.exec(text.trim());
+  if (match === null) return null;
+  const value = Number(match[1]) * (durationUnits[(match[2] ?? '').toLowerCase()] ?? NaN);
+  return Number.isSafeInteger(value) && value > 0 ? value : null;
+}
+
+/** 500 -> "500 ms", 5000 -> "5 s". */
+export function formatMs(ms: number): string {
+  return ms % 1000 === 0 ? `${ms / 1000} s` : `${ms} ms`;
+}
+
 function formatDuration(seconds: number | null): string {
   if (seconds === null) return '-';
   if (seconds < 60) return `${seconds} s`;
@@ -154,6 +170,7 @@ export function formatMirrorStatus(mirrors: readonly MirrorInfo[]): string {
       if (mirror.nextRetryAt !== null) fields.push(['next retry', mirror.nextRetryAt]);
       fields.push(
         ['mode', `${mirror.mode}, on disconnect ${mirror.onDisconnect}${mirror.maxRateBytesPerSec === null ? '' : `, copy capped at ${formatSize(mirror.maxRateBytesPerSec)}/s`}, fast resync ${mirror.fastResync ? 'on' : 'off'}`],
+        ['sync timeout', `${formatMs(mirror.syncTimeoutMs)}, on timeout ${mirror.onTimeout}${mirror.mode === 'sync' ? '' : ' (not used in this mode)'}; ${mirror.syncTimeouts} timed out${mirror.lastSyncTimeoutAt === null ? '' : `, last at ${mirror.lastSyncTimeoutAt}`}`],
         ['progress', `${mirror.progressPercent.toFixed(1)}% (${formatSize(mirror.copiedBytes)} copied, ${formatSize(mirror.dirtyBytes)} to go of ${formatSize(mirror.sizeBytes)})`],
         ['rate', `${formatSize(mirror.rateBytesPerSec)}/s`],
         ['eta', formatDuration(mirror.etaSeconds)],

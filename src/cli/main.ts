@@ -5,7 +5,7 @@ import { Command, CommanderError } from 'commander';
 import { defaults } from '../config/config';
 import { ControlClient } from '../control/client';
 import { BmError, ControlErrorCode, errorCode, errorMessage } from '../control/errors';
-import type { MethodName, MethodParams, MethodResults } from '../control/protocol';
+import { syncTimeoutMsMax, syncTimeoutMsMin, type MethodName, type MethodParams, type MethodResults } from '../control/protocol';
 import { packageVersion } from '../daemon/version';
 import {
   formatMirrorList,
@@ -18,6 +18,7 @@ import {
   formatStatus,
   formatVolumeInfo,
   formatVolumeList,
+  parseDurationMs,
   parseRate,
 } from './format';
 
@@ -51,6 +52,33 @@ async function call<M extends MethodName>(
   } finally {
     client.close();
   }
+}
+
+interface TunableOptions {
+  maxRate?: string;
+  syncTimeout?: string;
+  onTimeout?: string;
+}
+
+/** --max-rate, --sync-timeout and --on-timeout as control params. Rates and durations are parsed
+ *  here (BM_ERR_USAGE); the policy names are checked by the daemon (BM_ERR_INVALID_ARGUMENT). */
+function tunables(options: TunableOptions): Record<string, unknown> {
+  const params: Record<string, unknown> = {};
+  if (options.maxRate !== undefined) {
+    // "none": no cap (mirror set removes one; mirror add has none by default).
+    const rate = /^none$/i.test(options.maxRate) ? null : parseRate(options.maxRate);
+    if (rate === null && !/^none$/i.test(options.maxRate)) throw usageError('--max-rate: expected a positive number of bytes per second, e.g. 50M, or none');
+    params.maxRateBytesPerSec = rate;
+  }
+  if (options.syncTimeout !== undefined) {
+    const ms = parseDurationMs(options.syncTimeout);
+    if (ms === null || ms < syncTimeoutMsMin || ms > syncTimeoutMsMax) {
+      throw usageError(`--sync-timeout: expected a duration from ${syncTimeoutMsMin}ms to ${syncTimeoutMsMax / 3_600_000}h with a unit (ms, s, m, h), e.g. 500ms or 5s`);
+    }
+    params.syncTimeoutMs = ms;
+  }
+  if (options.onTimeout !== undefined) params.onTimeout = options.onTimeout;
+  return params;
 }
 
 function buildProgram(): Command {
@@ -133,7 +161,7 @@ function buildProgram(): Command {
     .description('forget a peer (its secret file is not touched)')
     .exitOverride()
     .action((name: string) => call(program, 'peer.remove', { name }, formatPeerRemoved));
-  const mirror = program.command('mirror').description('replicate volumes to peers: add, status, suspend, resume, reset, remove').exitOverride();
+  const mirror = program.command('mirror').description('replicate volumes to peers: add, status, set, suspend, resume, reset, remove').exitOverride();
   mirror
     .command('add <volume>')
     .description('start mirroring a volume to a mirror volume on a peer (first a full copy, then live)')
@@ -143,20 +171,38 @@ function buildProgram(): Command {
     .option('--async-buffer <size>', 'async mode: bytes of writes in flight to the target before the mirror falls back to its dirty bitmap (K, M or G suffix; default 64M)')
     .option('--on-disconnect <policy>', 'continue: keep writing and resync the dirty regions later; block: hold writes until in sync again', 'continue')
     .option('--max-rate <rate>', 'cap the copy traffic, bytes per second with an optional K, M or G suffix (live writes are never capped)')
+    .option('--sync-timeout <duration>', 'sync mode: how long a forwarded write or flush may wait for the target, e.g. 500ms, 5s (default 5s)')
+    .option('--on-timeout <policy>', 'suspend: past the sync timeout the write completes locally and the mirror resyncs later; block: it keeps waiting for the target (default: block with --on-disconnect block, else suspend)')
     .exitOverride()
-    .action((volumeName: string, options: { peer: string; target: string; mode: string; onDisconnect: string; maxRate?: string; asyncBuffer?: string }) => {
-      const params: Record<string, unknown> = { volume: volumeName, peer: options.peer, target: options.target, mode: options.mode, onDisconnect: options.onDisconnect };
+    .action((volumeName: string, options: { peer: string; target: string; mode: string; onDisconnect: string; asyncBuffer?: string } & TunableOptions) => {
+      const params: Record<string, unknown> = { volume: volumeName, peer: options.peer, target: options.target, mode: options.mode, onDisconnect: options.onDisconnect, ...tunables(options) };
+      if (params.maxRateBytesPerSec === null) delete params.maxRateBytesPerSec;
       if (options.asyncBuffer !== undefined) {
         const bytes = parseRate(options.asyncBuffer);
         if (bytes === null) throw usageError('--async-buffer: expected a size in bytes with an optional K, M or G suffix, e.g. 64M');
         params.asyncBufferBytes = bytes;
       }
-      if (options.maxRate !== undefined) {
-        const rate = parseRate(options.maxRate);
-        if (rate === null) throw usageError('--max-rate: expected a positive number of bytes per second, e.g. 50M');
-        params.maxRateBytesPerSec = rate;
-      }
       return call(program, 'mirror.add', params as MethodParams<'mirror.add'>, (result) => formatMirrorStatus([result]));
+    });
+  mirror
+    .command('set <volume>')
+    .description('change a running mirror: mode, policies, sync timeout, copy rate (persisted; applies to the next write)')
+    .option('--peer <name>', 'the mirror on this peer (needed when the volume has several)')
+    .option('--mode <mode>', 'sync, async or stack')
+    .option('--on-disconnect <policy>', 'continue or block')
+    .option('--on-timeout <policy>', 'suspend or block')
+    .option('--sync-timeout <duration>', 'e.g. 500ms, 5s, 1m')
+    .option('--max-rate <rate>', 'cap the copy traffic (e.g. 50M), or "none" to remove the cap')
+    .exitOverride()
+    .action((volumeName: string, options: { peer?: string; mode?: string; onDisconnect?: string } & TunableOptions) => {
+      const params: Record<string, unknown> = { volume: volumeName, ...tunables(options) };
+      if (options.peer !== undefined) params.peer = options.peer;
+      if (options.mode !== undefined) params.mode = options.mode;
+      if (options.onDisconnect !== undefined) params.onDisconnect = options.onDisconnect;
+      if (Object.keys(params).length === (options.peer === undefined ? 1 : 2)) {
+        throw usageError('mirror set: nothing to change; give --mode, --on-disconnect, --on-timeout, --sync-timeout or --max-rate');
+      }
+      return call(program, 'mirror.set', params as MethodParams<'mirror.set'>, (result) => formatMirrorStatus([result]));
     });
   mirror
     .command('status <volume>')

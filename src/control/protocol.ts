@@ -40,6 +40,18 @@ export const asyncBufferBytesMax = 1024 * 1024 * 1024;
 /** continue: a disconnected mirror records dirty regions and writes go on; block: writes wait
  *  until the mirror is in sync again (once it has been). */
 export const onDisconnectPolicies = ['continue', 'block'] as const;
+/** What a sync-mode mirror does when the target has not acknowledged a forwarded client write or
+ *  flush within syncTimeoutMs. suspend: the write completes once local, its regions are dirty,
+ *  the link is cracked (cause BM_ERR_SYNC_TIMEOUT) and the mirror reconnects and resyncs. block:
+ *  the write keeps waiting for the target (until the ack timeout cracks the link) and, once the
+ *  mirror has been in sync, is then held until the mirror is in sync again with its regions
+ *  copied. Stack mode forwards nothing, so neither applies there. */
+export const onTimeoutPolicies = ['suspend', 'block'] as const;
+export const syncTimeoutMsDefault = 5000;
+export const syncTimeoutMsMin = 10;
+export const syncTimeoutMsMax = 3_600_000;
+const syncTimeoutMs = z.number().int().min(syncTimeoutMsMin).max(syncTimeoutMsMax);
+const maxRateBytesPerSec = z.number().int().positive().max(Number.MAX_SAFE_INTEGER);
 
 export const volumeRoles = ['primary', 'mirror'] as const;
 /** primary: read-write to NBD clients (unless readOnly); mirror: the target of replication,
@@ -82,8 +94,20 @@ export const paramsSchemas = {
     target: volumeName,
     mode: z.enum(mirrorModes).optional(),
     onDisconnect: z.enum(onDisconnectPolicies).optional(),
-    maxRateBytesPerSec: z.number().int().positive().max(Number.MAX_SAFE_INTEGER).optional(),
+    maxRateBytesPerSec: maxRateBytesPerSec.optional(),
+    syncTimeoutMs: syncTimeoutMs.optional(),
+    onTimeout: z.enum(onTimeoutPolicies).optional(),
     asyncBufferBytes: z.number().int().min(asyncBufferBytesMin).max(asyncBufferBytesMax).optional(),
+  }),
+  /** Changes a running mirror's settings; maxRateBytesPerSec null removes the cap. */
+  'mirror.set': z.strictObject({
+    volume: volumeName,
+    peer: peerName.optional(),
+    mode: z.enum(mirrorModes).optional(),
+    onDisconnect: z.enum(onDisconnectPolicies).optional(),
+    maxRateBytesPerSec: maxRateBytesPerSec.nullable().optional(),
+    syncTimeoutMs: syncTimeoutMs.optional(),
+    onTimeout: z.enum(onTimeoutPolicies).optional(),
   }),
   'mirror.list': z.strictObject({}),
   'mirror.status': z.strictObject({ volume: volumeName, peer: peerName.optional() }),
@@ -160,6 +184,14 @@ export interface MirrorInfo {
   mode: string;
   onDisconnect: string;
   maxRateBytesPerSec: number | null;
+  /** How long a forwarded client write or flush may wait for the target (sync mode). */
+  syncTimeoutMs: number;
+  /** suspend or block: what happens when syncTimeoutMs passes (see onTimeoutPolicies). */
+  onTimeout: string;
+  /** Forwarded writes and flushes that waited longer than syncTimeoutMs since the daemon started. */
+  syncTimeouts: number;
+  /** When the last of them passed its timeout, or null. */
+  lastSyncTimeoutAt: string | null;
   /** INIT, MAKEPARTS, RESET, ERROR, READY, REPLICATE, OUTOFSYNC or INSYNC. */
   state: string;
   since: string;
@@ -264,6 +296,7 @@ export interface MethodResults {
   'mirror.suspend': MirrorInfo;
   'mirror.resume': MirrorInfo;
   'mirror.reset': MirrorInfo;
+  'mirror.set': MirrorInfo;
   status: StatusResult;
 }
 

@@ -171,6 +171,7 @@ export class Daemon {
         'mirror.suspend': (params) => mirrors.command(params, 'suspend'),
         'mirror.resume': (params) => mirrors.command(params, 'resume'),
         'mirror.reset': (params) => mirrors.command(params, 'reset'),
+        'mirror.set': (params) => mirrors.set(params),
         status: async () => this.status(),
       },
     });

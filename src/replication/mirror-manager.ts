@@ -5,7 +5,7 @@
 import crypto from 'node:crypto';
 import type { Logger } from 'pino';
 import { BmError, ControlErrorCode, errorMessage } from '../control/errors';
-import type { MethodParams, MirrorInfo, MirrorRemoveResult } from '../control/protocol';
+import { syncTimeoutMsDefault, type MethodParams, type MirrorInfo, type MirrorRemoveResult } from '../control/protocol';
 import { ChangeQueue } from '../daemon/change-queue';
 import type { ReplicaSource } from '../volume/replica';
 import type { MetadataStore } from '../write-intent/metadata-file';
@@ -13,6 +13,7 @@ import { mirrorBitmapPath, newMirrorMetadata, openWriteIntentLog, recoverMirror,
 import { EXTENT_BYTES, type WriteIntentLog } from '../write-intent/write-intent-log';
 import { Mirror, MirrorError, newGeneration, REGION_BYTES, type MirrorTiming, type PeerEndpoint } from './mirror';
 import { mirrorsMax, mirrorsPerVolumeMax, saveMirrors, type MirrorRecord } from './mirror-store';
+import { defaultOnTimeout, settingsProblem, syncPolicyOf } from './sync-timeout';
 
 export interface MirrorManagerOptions {
   stateDir: string;
@@ -121,10 +122,11 @@ export class MirrorManager {
       if (records.some((record) => record.volume === params.volume && record.peer === params.peer)) {
         throw new BmError(ControlErrorCode.MirrorExists, `volume ${params.volume} already has a mirror on ${params.peer}`);
       }
-      if (params.mode !== undefined && params.mode !== 'sync' && params.onDisconnect === 'block') {
-        throw new BmError(ControlErrorCode.InvalidArgument, `onDisconnect: block holds writes the target lacks, but ${params.mode} mode never waits for the target; use sync mode`);
-      }
-      if (params.asyncBufferBytes !== undefined && params.mode !== 'async') {
+      const onDisconnect = params.onDisconnect ?? 'continue';
+      const settings = { mode: params.mode ?? 'sync', onDisconnect, syncTimeoutMs: params.syncTimeoutMs ?? syncTimeoutMsDefault, onTimeout: params.onTimeout ?? defaultOnTimeout(onDisconnect) };
+      const problem = settingsProblem(settings);
+      if (problem !== undefined) throw new BmError(ControlErrorCode.InvalidArgument, problem);
+      if (params.asyncBufferBytes !== undefined && settings.mode !== 'async') {
         throw new BmError(ControlErrorCode.InvalidArgument, 'asyncBufferBytes applies to async mode only');
       }
       if (records.filter((record) => record.volume === params.volume).length >= mirrorsPerVolumeMax) {
@@ -136,10 +138,12 @@ export class MirrorManager {
         volume: params.volume,
         peer: params.peer,
         target: params.target,
-        mode: params.mode ?? 'sync',
-        onDisconnect: params.onDisconnect ?? 'continue',
+        mode: settings.mode,
+        onDisconnect: settings.onDisconnect,
         maxRateBytesPerSec: params.maxRateBytesPerSec ?? null,
         ...(params.asyncBufferBytes === undefined ? {} : { asyncBufferBytes: params.asyncBufferBytes }),
+        syncTimeoutMs: settings.syncTimeoutMs,
+        onTimeout: settings.onTimeout,
         generation: newGeneration(),
         fullCopyDone: false,
         suspended: false,
@@ -200,6 +204,31 @@ export class MirrorManager {
         throw error;
       }
       this.logger.info({ volume: params.volume, peer: mirror.key.peer, command }, `mirror ${command}`);
+      return mirror.info();
+    });
+  }
+
+  /** mirror.set: changes a running mirror's mode, policies or copy rate, persisted before the
+   *  answer. The resulting combination must make sense (settingsProblem). */
+  set(params: MethodParams<'mirror.set'>): Promise<MirrorInfo> {
+    return this.changes.run(async () => {
+      const mirror = this.find(params.volume, params.peer);
+      const { volume: _volume, peer: _peer, ...change } = params;
+      if (Object.values(change).every((value) => value === undefined)) {
+        throw new BmError(ControlErrorCode.InvalidArgument, 'nothing to change: give at least one of mode, onDisconnect, onTimeout, syncTimeoutMs, maxRateBytesPerSec');
+      }
+      const record = mirror.currentRecord;
+      const current = { mode: record.mode, onDisconnect: record.onDisconnect, ...syncPolicyOf(record) };
+      const next = { ...current, ...Object.fromEntries(Object.entries(change).filter(([key, value]) => value !== undefined && key in current)) };
+      const problem = settingsProblem(next);
+      if (problem !== undefined) throw new BmError(ControlErrorCode.InvalidArgument, problem);
+      try {
+        mirror.set(change);
+      } catch (error) {
+        if (error instanceof MirrorError) throw new BmError(error.code, error.message);
+        throw error;
+      }
+      this.logger.info({ volume: params.volume, peer: mirror.key.peer, ...change }, 'mirror settings changed');
       return mirror.info();
     });
   }
@@ -316,6 +345,9 @@ function dormantInfo(record: MirrorRecord): MirrorInfo {
     mode: record.mode,
     onDisconnect: record.onDisconnect,
     maxRateBytesPerSec: record.maxRateBytesPerSec,
+    ...syncPolicyOf(record),
+    syncTimeouts: 0,
+    lastSyncTimeoutAt: null,
     state: record.error === null ? 'INIT' : 'ERROR',
     since: record.createdAt,
     cause: { event: 'stop', reason: `not running: source volume ${record.volume} is not online`, code: null },

@@ -53,7 +53,7 @@ export type MirrorEvent =
   | { type: 'bitmapResyncNeeded'; reason?: string } // READY decision: catch up the dirty regions
   | { type: 'alreadyInSync'; reason?: string } // READY decision: generations equal, bitmap clean
   | { type: 'copyComplete'; reason?: string } // bitmap clean and live forwarding on
-  | { type: 'connectionLost'; reason?: string } // the link dropped
+  | { type: 'connectionLost'; code?: string; reason?: string } // the link dropped (code: why the engine cut it, e.g. BM_ERR_SYNC_TIMEOUT)
   | { type: 'severeFailure'; code: MirrorErrorCode; reason?: string } // severe, while replicating
   | { type: 'reconnect'; reason?: string } // OUTOFSYNC, link down: try the target again
   | { type: 'retryDue'; reason?: string } // RESET backoff expired
@@ -573,6 +573,12 @@ function validateEvent(event: MirrorEvent, state: MirrorStateName): string | nul
   if (event.type === 'validationFailed' || event.type === 'severeFailure') {
     if (!MIRROR_ERROR_CODE_SET.has(event.code)) {
       throw new MirrorStateError('BM_ERR_MIRROR_BAD_EVENT', state, type, `event ${type}: unknown error code ${String(event.code)}`);
+    }
+    return event.code;
+  }
+  if (event.type === 'connectionLost' && event.code !== undefined) {
+    if (typeof event.code !== 'string' || event.code.length === 0) {
+      throw new MirrorStateError('BM_ERR_MIRROR_BAD_EVENT', state, type, 'event connectionLost: code must be a non-empty string when given');
     }
     return event.code;
   }

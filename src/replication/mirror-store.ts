@@ -2,7 +2,7 @@
 // load, written atomically). Each mirror's dirty bitmap lives in src/write-intent/.
 import path from 'node:path';
 import { z } from 'zod';
-import { asyncBufferBytesMax, asyncBufferBytesMin, mirrorModes, onDisconnectPolicies, volumeNamePattern } from '../control/protocol';
+import { asyncBufferBytesMax, asyncBufferBytesMin, mirrorModes, onDisconnectPolicies, onTimeoutPolicies, syncTimeoutMsMax, syncTimeoutMsMin, volumeNamePattern } from '../control/protocol';
 import { loadStateFile, saveStateFile, stateFileCorrupt, type StateFile } from '../daemon/state-file';
 import { MIRROR_ERROR_CODES } from './mirror-state';
 
@@ -26,6 +26,10 @@ const mirrorRecordSchema = z.strictObject({
   maxRateBytesPerSec: z.number().int().positive().nullable(),
   /** Async mode's buffer bound (absent in files written before async mode: the default). */
   asyncBufferBytes: z.number().int().min(asyncBufferBytesMin).max(asyncBufferBytesMax).optional(),
+  /** Sync-mode timeout and its policy (issue 4 part 6). Optional: files written before them load
+   *  with the defaults (sync-timeout.ts, syncPolicyOf). */
+  syncTimeoutMs: z.number().int().min(syncTimeoutMsMin).max(syncTimeoutMsMax).optional(),
+  onTimeout: z.enum(onTimeoutPolicies).optional(),
   /** Names this mirror's history on the target; a new one (admin reset) forces a full copy. */
   generation: z.number().int().positive().max(Number.MAX_SAFE_INTEGER),
   /** The first full copy finished: from now on the bitmap alone says what the target lacks. */

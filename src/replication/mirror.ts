@@ -21,6 +21,7 @@ import type { MirrorRecord } from './mirror-store';
 import { MirrorStateMachine, type MirrorErrorCode, type MirrorEvent, type MirrorTransition } from './mirror-state';
 import { RateLimit } from './rate-limit';
 import { LinkSetupError, SourceLink, type SendResult } from './source-link';
+import { SyncDeadline, syncPolicyOf, type MirrorSettings } from './sync-timeout';
 
 /** Dirty-bitmap granularity: 64 KiB regions cost 2 MiB of bitmap per TiB. */
 export const REGION_BYTES = 64 * 1024;
@@ -123,7 +124,14 @@ export class Mirror implements VolumeReplica {
    *  they count as dirty when the link drops without a flush. */
   private unflushed: DirtyBitmap;
   private readonly backoff: ExponentialBackoff;
-  private readonly rateLimit: RateLimit | undefined;
+  private rateLimit: RateLimit | undefined;
+  /** Aborted when the mirror stops or its rate changes: a copy waiting for the old rate stops waiting. */
+  private rateAbort = new AbortController();
+  /** Forwarded client writes and flushes waiting for the target, against --sync-timeout. */
+  private readonly deadline: SyncDeadline;
+  private syncTimeouts = { count: 0, lastAtMs: null as number | null };
+  /** Why the engine itself cut `link` (the sync timeout), for the crack's cause. */
+  private crackCause: { link: SourceLink; code: string; reason: string } | null = null;
   private readonly pool = new BufferPool({ maxPooledBytes: CHUNK_BYTES_MAX * CHUNKS_IN_FLIGHT_MAX, alignBytes: 4096 });
   /** Wakes the driver: admin commands, link closed, stop. */
   private readonly wakeup = new Wakeup();
@@ -167,6 +175,7 @@ export class Mirror implements VolumeReplica {
     this.unflushed = new DirtyBitmap(sizeBytes, REGION_BYTES);
     this.backoff = new ExponentialBackoff({ baseMs: options.timing.backoffBaseMs, maxMs: options.timing.backoffMaxMs, random: Math.random });
     this.rateLimit = this.record.maxRateBytesPerSec === null ? undefined : new RateLimit(this.record.maxRateBytesPerSec, CHUNK_BYTES_MAX);
+    this.deadline = new SyncDeadline(() => syncPolicyOf(this.record).syncTimeoutMs, (count, waitedMs) => this.syncTimedOut(count, waitedMs));
     if (this.record.error !== null) {
       // Restored across a restart: ERROR waits for the admin, with the reason it had.
       this.machine.fire({ type: 'start', reason: 'restoring the state saved before the restart' });
@@ -206,6 +215,8 @@ export class Mirror implements VolumeReplica {
     }
     if (this.shutdownTimer !== undefined) clearTimeout(this.shutdownTimer);
     this.abort.abort();
+    this.rateAbort.abort();
+    this.deadline.close();
     this.link?.close(reason);
     this.wakeup.notify();
     this.dirtied.notify();
@@ -259,6 +270,25 @@ export class Mirror implements VolumeReplica {
     this.wakeup.notify();
   }
 
+  /** mirror.set: the mode and policies apply from the next client write, the rate from the next
+   *  copy chunk. The manager checked the combination (settingsProblem). */
+  set(change: Partial<MirrorSettings> & { maxRateBytesPerSec?: number | null }): void {
+    if (change.mode !== undefined && change.mode !== this.record.mode) {
+      const refusal = this.machine.commandAllowed('set-mode');
+      if (refusal !== undefined) throw new MirrorError(refusal.code, refusal.message);
+    }
+    this.update(Object.fromEntries(Object.entries(change).filter(([, value]) => value !== undefined)));
+    if (change.maxRateBytesPerSec !== undefined) {
+      this.rateLimit = change.maxRateBytesPerSec === null ? undefined : new RateLimit(change.maxRateBytesPerSec, CHUNK_BYTES_MAX);
+      const previous = this.rateAbort;
+      this.rateAbort = new AbortController();
+      previous.abort();
+    }
+    if (change.syncTimeoutMs !== undefined) this.deadline.rearm();
+    // Held writes look again: the mirror may no longer hold them (stack, continue, suspend).
+    if (!this.isStrict()) this.releaseHeld();
+  }
+
   checkRemovable(force: boolean): void {
     const refusal = this.machine.commandAllowed('remove', { force });
     if (refusal !== undefined) throw new MirrorError(refusal.code, refusal.message);
@@ -285,6 +315,9 @@ export class Mirror implements VolumeReplica {
       mode: this.record.mode,
       onDisconnect: this.record.onDisconnect,
       maxRateBytesPerSec: this.record.maxRateBytesPerSec,
+      ...syncPolicyOf(this.record),
+      syncTimeouts: this.syncTimeouts.count,
+      lastSyncTimeoutAt: this.syncTimeouts.lastAtMs === null ? null : new Date(this.syncTimeouts.lastAtMs).toISOString(),
       state: status.state,
       since: status.since,
       cause: { ...status.cause },
@@ -358,8 +391,8 @@ export class Mirror implements VolumeReplica {
       await this.holdWhileUnprotected();
       return;
     }
-    const result = await this.flushTarget(link);
-    if (result !== 'ok') await this.holdWhileUnprotected();
+    const result = await this.deadline.track(this.flushTarget(link));
+    if (result !== 'ok') await this.holdWhileUnprotected(undefined, undefined, true);
   }
 
   // --- data path -----------------------------------------------------------------------------
@@ -381,13 +414,13 @@ export class Mirror implements VolumeReplica {
     // Stack mode never forwards: the write only marks its regions, which the copier ships.
     if (link === null || behind || this.record.mode === 'stack') {
       this.markDirty(offsetBytes, lengthBytes);
-      return this.settle(local, offsetBytes, lengthBytes, Promise.resolve<SendResult>('lost'));
+      return this.settle(local, offsetBytes, lengthBytes, Promise.resolve<SendResult>('lost'), false);
     }
     this.sent.liveWrites++;
     this.sent.liveBytes += lengthBytes;
     // Recorded the moment the target answers or the link drops, not after the local write: a
     // reconnect in between must find the region dirty (or unflushed) in the bitmaps.
-    const sent = send(link).then((result) => {
+    const sent = this.deadline.track(send(link)).then((result) => {
       if (result === 'ok') {
         this.unflushed.setRange(offsetBytes, lengthBytes);
       } else {
@@ -396,7 +429,7 @@ export class Mirror implements VolumeReplica {
       }
       return result;
     });
-    return this.settle(local, offsetBytes, lengthBytes, sent);
+    return this.settle(local, offsetBytes, lengthBytes, sent, true);
   }
 
   /**
@@ -416,7 +449,7 @@ export class Mirror implements VolumeReplica {
         this.logger.warn({ bufferedBytes: this.asyncBytes, bufferBytes: this.asyncBufferBytes() }, 'async buffer full: tracking writes in the dirty bitmap until the target catches up');
       }
       this.markDirty(offsetBytes, lengthBytes);
-      return this.settle(local, offsetBytes, lengthBytes, Promise.resolve<SendResult>('lost'));
+      return this.settle(local, offsetBytes, lengthBytes, Promise.resolve<SendResult>('lost'), false);
     }
     // The client may reuse its buffer as soon as we return: the buffer holds a copy.
     const payload = data === undefined ? undefined : Buffer.from(data);
@@ -446,7 +479,7 @@ export class Mirror implements VolumeReplica {
     return this.record.asyncBufferBytes ?? asyncBufferBytesDefault;
   }
 
-  private async settle(local: Promise<void>, offsetBytes: number, lengthBytes: number, sent: Promise<SendResult>): Promise<void> {
+  private async settle(local: Promise<void>, offsetBytes: number, lengthBytes: number, sent: Promise<SendResult>, forwarded: boolean): Promise<void> {
     let localFailed = false;
     await local.catch(() => {
       localFailed = true;
@@ -456,7 +489,26 @@ export class Mirror implements VolumeReplica {
     // Again after the local write: a copy that read the region before it finished must not be
     // the last word; and when the local write failed, the target may hold bytes we do not.
     this.markDirty(offsetBytes, lengthBytes);
-    if (!localFailed) await this.holdWhileUnprotected(offsetBytes, lengthBytes);
+    if (!localFailed) await this.holdWhileUnprotected(offsetBytes, lengthBytes, forwarded);
+  }
+
+  /** Forwarded writes or flushes waited longer than --sync-timeout. suspend: cut the link, so
+   *  they settle 'lost' (their regions dirty) and complete for the client; the driver cracks to
+   *  OUTOFSYNC with this cause and reconnects. block: they keep waiting (the ack timeout bounds
+   *  that), and settle() holds what the target did not get. */
+  private syncTimedOut(count: number, waitedMs: number): void {
+    this.syncTimeouts.count += count;
+    this.syncTimeouts.lastAtMs = Date.now();
+    const { syncTimeoutMs, onTimeout } = syncPolicyOf(this.record);
+    const link = this.link;
+    if (onTimeout === 'block' || link === null || !link.isOpen) {
+      this.logger.warn({ count, waitedMs: Math.round(waitedMs), syncTimeoutMs }, 'the target is slower than the sync timeout; writes keep waiting for it (--on-timeout block)');
+      return;
+    }
+    const reason = `sync timeout: the target did not acknowledge a forwarded write or flush within ${syncTimeoutMs} ms (--on-timeout suspend); writes go on, tracked in the dirty bitmap`;
+    this.logger.warn({ count, waitedMs: Math.round(waitedMs), syncTimeoutMs }, 'the target is slower than the sync timeout; cracking the link (--on-timeout suspend)');
+    this.crackCause ??= { link, code: 'BM_ERR_SYNC_TIMEOUT', reason };
+    link.close(reason);
   }
 
   private markDirty(offsetBytes: number, lengthBytes: number): void {
@@ -493,7 +545,7 @@ export class Mirror implements VolumeReplica {
   }
 
   private strictError(): MirrorError {
-    return new MirrorError('EIO', `mirror of ${this.record.volume} to ${this.record.peer} is in ERROR and set to --on-disconnect block: writes are refused until the admin resumes, resets or suspends it`);
+    return new MirrorError('EIO', `mirror of ${this.record.volume} to ${this.record.peer} is in ERROR and set to --on-disconnect block or --on-timeout block: writes are refused until the admin resumes, resets or suspends it`);
   }
 
   private hold(): Promise<void> {
@@ -505,9 +557,12 @@ export class Mirror implements VolumeReplica {
   /** A strict mirror's write or flush that did not reach the target: returns once the mirror is
    *  in sync with that range copied (or is suspended, removed, ...), fails at shutdown or in
    *  ERROR. Returns at once for other mirrors. */
-  private async holdWhileUnprotected(offsetBytes?: number, lengthBytes?: number): Promise<void> {
+  private async holdWhileUnprotected(offsetBytes?: number, lengthBytes?: number, forwarded = false): Promise<void> {
     for (;;) {
-      if (!this.mustHold() && (offsetBytes === undefined || lengthBytes === undefined || !this.isStrict() || !this.dirty.testRange(offsetBytes, lengthBytes))) return;
+      // --on-timeout block makes a forwarded write that did not reach the target strict too.
+      const strict = this.isStrict() || (forwarded && this.blocksOnTimeout());
+      const unprotected = strict && (this.machine.state !== 'INSYNC' || this.liveLink() === null);
+      if (!unprotected && (offsetBytes === undefined || lengthBytes === undefined || !strict || !this.dirty.testRange(offsetBytes, lengthBytes))) return;
       if (this.stopping && this.releaseOnStop) return;
       await this.hold();
     }
@@ -515,6 +570,12 @@ export class Mirror implements VolumeReplica {
 
   private isStrict(): boolean {
     return this.record.onDisconnect === 'block' && this.record.fullCopyDone && !this.record.suspended;
+  }
+
+  /** A sync mirror with --on-timeout block that has been in sync: a forwarded write the target
+   *  did not acknowledge is held like a strict mirror's. */
+  private blocksOnTimeout(): boolean {
+    return syncPolicyOf(this.record).onTimeout === 'block' && this.record.mode === 'sync' && this.record.fullCopyDone && !this.record.suspended;
   }
 
   private releaseHeld(error?: Error): void {
@@ -695,6 +756,8 @@ export class Mirror implements VolumeReplica {
   private async cracked(): Promise<void> {
     const link = this.link;
     this.link = null;
+    const crack = this.crackCause !== null && this.crackCause.link === link ? this.crackCause : null;
+    this.crackCause = null;
     const state = this.machine.state;
     if (link !== null) {
       this.dirty.merge(this.unflushed.snapshotAndClear());
@@ -708,7 +771,11 @@ export class Mirror implements VolumeReplica {
       return;
     }
     if (this.machine.isLinkUp && this.machine.canFire('connectionLost')) {
-      this.fire({ type: 'connectionLost', reason: this.record.suspended ? 'suspended by the admin' : 'connection to the target lost' });
+      this.fire(
+        crack !== null && !this.record.suspended
+          ? { type: 'connectionLost', code: crack.code, reason: crack.reason }
+          : { type: 'connectionLost', reason: this.record.suspended ? 'suspended by the admin' : 'connection to the target lost' },
+      );
       return;
     }
     if (this.record.suspended) {
@@ -755,9 +822,10 @@ export class Mirror implements VolumeReplica {
       while (inFlight >= CHUNKS_IN_FLIGHT_MAX && link.isOpen) await progress.wait();
       if (this.rateLimit !== undefined) {
         try {
-          await this.rateLimit.take(lengthBytes, this.abort.signal);
+          await this.rateLimit.take(lengthBytes, this.rateAbort.signal);
         } catch {
-          return; // stopping
+          if (this.stopping) return;
+          continue; // the rate changed (mirror set --max-rate): wait again at the new rate
         }
       }
       await link.whenWritable();

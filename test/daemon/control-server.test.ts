@@ -68,6 +68,7 @@ async function startServer(t: Test) {
     'mirror.list': async () => ({ mirrors: [] }),
     'mirror.status': noMirror,
     'mirror.remove': noMirror,
+    'mirror.set': noMirror,
     'mirror.suspend': noMirror,
     'mirror.resume': noMirror,
     'mirror.reset': noMirror,
