@@ -194,12 +194,12 @@ async function fioVerify(t: Test, uri: string, offsetBytes: number, sizeBytes: n
   return { code: result.code, stderr: result.stderr };
 }
 
-t.test('mirror set switches sync -> stack -> sync under fio load without losing writes; the settings survive a restart', { skip }, async (t) => {
+t.test('mirror set switches between sync, async and stack under fio load without losing writes; the settings survive a restart', { skip }, async (t) => {
   const pair = await startMirrorPair(t, { sizeBytes: 64 * MiB, fillBytes: 4 * MiB });
   await pair.addMirror();
   const first = await pair.waitFor((s) => s.state === 'INSYNC', 'INSYNC');
 
-  const modes = ['stack', 'sync', 'stack', 'sync', 'stack', 'sync'] as const;
+  const modes = ['stack', 'sync', 'async', 'stack', 'async', 'sync'] as const;
   let switching = true;
   const seen: string[] = [];
   const switcher = (async () => {
@@ -299,7 +299,7 @@ t.test('CLI and control validation: durations, modes, policies and their combina
   t.match(JSON.parse(toStack.stdout), { mode: 'stack', onDisconnect: 'continue', onTimeout: 'block' });
 
   // The control method itself checks types and ranges (the CLI is not the only client).
-  for (const params of [{ syncTimeoutMs: 5 }, { syncTimeoutMs: 1.5 }, { syncTimeoutMs: 3_600_001 }, { mode: 'async' }, { onTimeout: 'wait' }, { maxRateBytesPerSec: 0 }, { bogus: 1 }, {}]) {
+  for (const params of [{ syncTimeoutMs: 5 }, { syncTimeoutMs: 1.5 }, { syncTimeoutMs: 3_600_001 }, { mode: 'semi-sync' }, { onTimeout: 'wait' }, { maxRateBytesPerSec: 0 }, { bogus: 1 }, {}]) {
     const error = await pair.source.request('mirror.set', { volume: 'vol0', ...params }).catch((caught: unknown) => caught);
     t.match(error, { code: 'BM_ERR_INVALID_ARGUMENT' }, `mirror.set ${JSON.stringify(params)} refused`);
   }
