@@ -146,6 +146,7 @@ export class Daemon {
         lookupVolume: (name) => volumes.lookup(name),
         bindSource: (name, binding) => volumes.bindMirrorSource(name, binding),
         logger: logger.child({ component: 'replication' }),
+        faultApplyDelayMaxMs: faultApplyDelayFromEnv(logger),
       });
       this.replicationPort = await this.replication.listen(config.replicationListen.host, config.replicationListen.port);
     }
@@ -287,4 +288,15 @@ export class Daemon {
 
 function formatHostPort(address: HostPort): string {
   return `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
+}
+
+/** Test-only fault layer: BLOCKMIRROR_FAULT_TARGET_DELAY_MS=N delays each replicated write on
+ *  this target by a random 0..N ms (it never changes what is written). Unset in production. */
+function faultApplyDelayFromEnv(logger: Logger): number {
+  const text = process.env.BLOCKMIRROR_FAULT_TARGET_DELAY_MS;
+  if (text === undefined || text === '') return 0;
+  const ms = Number(text);
+  if (!Number.isFinite(ms) || ms < 0 || ms > 1000) throw new Error(`BLOCKMIRROR_FAULT_TARGET_DELAY_MS must be 0..1000, got ${text}`);
+  if (ms > 0) logger.warn({ maxDelayMs: ms }, 'FAULT INJECTION: replicated writes on this target are delayed at random (testing only)');
+  return ms;
 }

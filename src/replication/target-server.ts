@@ -44,6 +44,9 @@ export interface ReplicationServerOptions {
   lookupVolume: (name: string) => TargetLookup | undefined;
   bindSource: (volumeName: string, binding: MirrorSourceBinding) => Promise<void>;
   logger: Logger;
+  /** Fault layer for tests, 0 in production: each replicated write waits a random 0..N ms
+   *  before it is issued, so writes that may run concurrently really finish out of order. */
+  faultApplyDelayMaxMs?: number;
 }
 
 class Refusal extends Error {
@@ -161,7 +164,7 @@ export class ReplicationServer {
         pooled.delete(buffer);
         this.pool.release(buffer);
       }
-    });
+    }, this.options.faultApplyDelayMaxMs ?? 0);
     this.sessions.set(hello.targetVolumeName, session);
     channel.send(
       wireMessage('helloReply', {
@@ -243,6 +246,7 @@ class TargetSession {
     readonly peerName: string,
     private readonly logger: Logger,
     private readonly releasePayload: (buffer: Buffer) => void,
+    private readonly faultDelayMaxMs: number,
   ) {}
 
   run(): Promise<string> {
@@ -321,8 +325,12 @@ class TargetSession {
     // An ordered write starts once every earlier operation landed, so the device always holds
     // a prefix of the source's ordered writes (crash consistent); others only wait for overlaps.
     const earlier = ordered ? this.order.drain() : undefined;
-    const apply = (): Promise<void> =>
+    const issue = (): Promise<void> =>
       zeroes || payload === undefined ? this.volume.mirrorWriteZeroes(offsetBytes, lengthBytes, fua) : this.volume.mirrorWrite(offsetBytes, payload, fua);
+    const apply =
+      this.faultDelayMaxMs > 0
+        ? (): Promise<void> => new Promise((resolve) => setTimeout(resolve, Math.random() * this.faultDelayMaxMs)).then(issue)
+        : issue;
     const applied = this.order.run(offsetBytes, lengthBytes, earlier === undefined ? apply : () => earlier.then(apply));
     applied.then(
       () => {

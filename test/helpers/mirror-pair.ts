@@ -25,6 +25,8 @@ export interface MirrorPairOptions {
   wrongSecret?: boolean;
   /** Overrides of testReplicationTiming for both daemons. */
   timing?: Partial<typeof testReplicationTiming>;
+  /** Extra environment of the target daemon (fault injection). */
+  targetEnv?: NodeJS.ProcessEnv;
 }
 
 export interface MirrorPair {
@@ -43,6 +45,8 @@ export interface MirrorPair {
   restartSource(): Promise<void>;
   /** SIGKILL the source daemon (a crash), then start it again on the same state dir. */
   crashSource(beforeStart?: () => void | Promise<void>): Promise<void>;
+  /** SIGKILL the target daemon, then start it again on the same state dir and port. */
+  crashTarget(beforeStart?: () => void | Promise<void>): Promise<void>;
   addMirror(options?: { mode?: 'sync' | 'async' | 'stack'; onDisconnect?: 'continue' | 'block'; maxRateBytesPerSec?: number; asyncBufferBytes?: number }): Promise<MirrorStatus>;
   status(): Promise<MirrorStatus>;
   waitFor(predicate: (status: MirrorStatus) => boolean, what: string, timeoutMs?: number): Promise<MirrorStatus>;
@@ -90,7 +94,7 @@ export async function startMirrorPair(t: TestLike, options: MirrorPairOptions): 
 
   const targetPaths = daemonPaths(t);
   writeConfig(targetPaths, options.timing);
-  let target = await startDaemon(t, { paths: targetPaths, args: ['--node-name', 'hostB', '--listen', '127.0.0.1:0'] });
+  let target = await startDaemon(t, { paths: targetPaths, args: ['--node-name', 'hostB', '--listen', '127.0.0.1:0'], env: options.targetEnv });
   const listen = String((await target.request('status')).replicationListen);
   const targetPort = Number(listen.slice(listen.lastIndexOf(':') + 1));
   await target.request('peer.add', { name: 'hostA', address: '127.0.0.1:9', secretFile });
@@ -120,7 +124,12 @@ export async function startMirrorPair(t: TestLike, options: MirrorPairOptions): 
     targetUri: `nbd+unix:///vol0?socket=${targetPaths.nbdSocket}`,
     async restartTarget() {
       await target.stop('SIGTERM');
-      target = await startDaemon(t, { paths: targetPaths, args: ['--node-name', 'hostB', '--listen', `127.0.0.1:${targetPort}`] });
+      target = await startDaemon(t, { paths: targetPaths, args: ['--node-name', 'hostB', '--listen', `127.0.0.1:${targetPort}`], env: options.targetEnv });
+    },
+    async crashTarget(beforeStart) {
+      await target.stop('SIGKILL');
+      await beforeStart?.();
+      target = await startDaemon(t, { paths: targetPaths, args: ['--node-name', 'hostB', '--listen', `127.0.0.1:${targetPort}`], env: options.targetEnv });
     },
     async restartSource() {
       await source.stop('SIGTERM');
