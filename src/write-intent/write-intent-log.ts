@@ -14,6 +14,7 @@
 // clear there. Every metadata write of a volume goes through one queue, so a page computed
 // earlier never lands after one computed later.
 import type { Logger } from 'pino';
+import type { WriteIntentInfo } from '../control/protocol';
 import type { DirtyRun } from '../native/index';
 import type { WriteIntent } from '../volume/replica';
 import { ACTIVITY_LOG_EXTENTS_MAX, encodeSlot, SLOT_BYTES, type ActivityLogGeometry, type ActivityLogLoad } from './activity-log-format';
@@ -62,16 +63,8 @@ interface Waiter {
   reject: (error: Error) => void;
 }
 
-export interface WriteIntentStats {
-  capacityExtents: number;
-  hotExtents: number;
-  transactions: number;
-  evictions: number;
-  pageWrites: number;
-  acquires: number;
-  acquiresWaited: number;
-  lastError: string | null;
-}
+/** What status shows of the log (the extent size is added by the caller). */
+export type WriteIntentStats = Omit<WriteIntentInfo, 'extentBytes'>;
 
 export class WriteIntentLog implements WriteIntent {
   private readonly geometry: ActivityLogGeometry;

@@ -173,3 +173,26 @@ export async function qemuIo(uri: string, commands: readonly string[]): Promise<
   const result = await runTool('qemu-io', args, 60_000);
   return { code: result.code, output: result.stdout + result.stderr };
 }
+
+/** fio through NBD: random writes of mixed sizes over the range, then a crc32c verify pass. */
+export async function fioVerify(t: TestLike, uri: string, offsetBytes: number, sizeBytes: number, extra: string[] = []): Promise<{ code: number | null; stderr: string }> {
+  const output = path.join(scratchDir(t), 'fio.json');
+  const result = await runTool('fio', [
+    '--name=verify',
+    '--ioengine=nbd',
+    `--uri=${uri}`,
+    '--rw=randwrite',
+    '--bssplit=4k/50:16k/30:64k/20',
+    '--iodepth=16',
+    `--offset=${offsetBytes}`,
+    `--size=${sizeBytes}`,
+    '--verify=crc32c',
+    '--verify_fatal=1',
+    '--do_verify=1',
+    '--verify_state_save=0',
+    '--output-format=json',
+    `--output=${output}`,
+    ...extra,
+  ], 120_000);
+  return { code: result.code, stderr: result.stderr };
+}

@@ -5,7 +5,6 @@
 // (both devices hash equal at the end), and the errors carry the documented codes.
 import { randomUUID } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { syncTimeoutMsDefault } from '../../src/control/protocol';
 import { loadMirrors, mirrorsPath, mirrorsVersion, saveMirrors } from '../../src/replication/mirror-store';
@@ -13,7 +12,7 @@ import { settingsProblem, SyncDeadline, syncPolicyOf } from '../../src/replicati
 import { deferred, settlesWithin } from '../helpers/async';
 import { haveTool, runCli, runTool } from '../helpers/daemon';
 import { scratchDir } from '../helpers/loop';
-import { deviceSha256, qemuIo, startMirrorPair, type MirrorPair, type MirrorStatus } from '../helpers/mirror-pair';
+import { deviceSha256, fioVerify, qemuIo, startMirrorPair, type MirrorPair, type MirrorStatus } from '../helpers/mirror-pair';
 
 const MiB = 1024 * 1024;
 const skip = haveTool('qemu-io') && haveTool('fio') ? false : 'needs qemu-io and fio';
@@ -172,27 +171,6 @@ t.test('mirror set releases a write held by --on-timeout block; a mode change is
   await pair.waitFor((s) => s.state === 'INSYNC' && s.dirtyBytes === 0, 'INSYNC after the stall');
   await expectEqualDevices(t, pair);
 });
-
-async function fioVerify(t: Test, uri: string, offsetBytes: number, sizeBytes: number): Promise<{ code: number | null; stderr: string }> {
-  const output = join(scratchDir(t), 'fio.json');
-  const result = await runTool('fio', [
-    '--name=verify',
-    '--ioengine=nbd',
-    `--uri=${uri}`,
-    '--rw=randwrite',
-    '--bssplit=4k/50:16k/30:64k/20',
-    '--iodepth=16',
-    `--offset=${offsetBytes}`,
-    `--size=${sizeBytes}`,
-    '--verify=crc32c',
-    '--verify_fatal=1',
-    '--do_verify=1',
-    '--verify_state_save=0',
-    '--output-format=json',
-    `--output=${output}`,
-  ], 120_000);
-  return { code: result.code, stderr: result.stderr };
-}
 
 t.test('mirror set switches between sync, async and stack under fio load without losing writes; the settings survive a restart', { skip }, async (t) => {
   const pair = await startMirrorPair(t, { sizeBytes: 64 * MiB, fillBytes: 4 * MiB });

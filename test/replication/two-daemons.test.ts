@@ -8,8 +8,8 @@ import t, { type Test } from 'tap';
 import * as P from '../../src/nbd/protocol';
 import { deviceFlushCount } from '../helpers/block-stat';
 import { haveTool, runCli, runTool } from '../helpers/daemon';
-import { isRoot, scratchDir } from '../helpers/loop';
-import { deviceSha256, qemuIo, startMirrorPair, type MirrorPair } from '../helpers/mirror-pair';
+import { isRoot } from '../helpers/loop';
+import { deviceSha256, fioVerify, qemuIo, startMirrorPair, type MirrorPair } from '../helpers/mirror-pair';
 import { NbdTestClient } from '../helpers/nbd-client';
 
 const MiB = 1024 * 1024;
@@ -18,28 +18,6 @@ const skip = haveTool('qemu-io') && haveTool('fio') ? false : 'needs qemu-io and
 async function expectEqualDevices(t: Test, pair: MirrorPair): Promise<void> {
   const [source, target] = await Promise.all([deviceSha256(pair.sourceDevice.path), deviceSha256(pair.targetDevice.path)]);
   t.equal(target, source, 'source and target devices hash equal (sha256 of the whole device)');
-}
-
-async function fioVerify(t: Test, uri: string, offsetBytes: number, sizeBytes: number, extra: string[] = []): Promise<{ code: number | null; stderr: string }> {
-  const output = join(scratchDir(t), 'fio.json');
-  const result = await runTool('fio', [
-    '--name=verify',
-    '--ioengine=nbd',
-    `--uri=${uri}`,
-    '--rw=randwrite',
-    '--bssplit=4k/50:16k/30:64k/20',
-    '--iodepth=16',
-    `--offset=${offsetBytes}`,
-    `--size=${sizeBytes}`,
-    '--verify=crc32c',
-    '--verify_fatal=1',
-    '--do_verify=1',
-    '--verify_state_save=0',
-    '--output-format=json',
-    `--output=${output}`,
-    ...extra,
-  ], 120_000);
-  return { code: result.code, stderr: result.stderr };
 }
 
 t.test('full copy while the source is written, then live sync mode: fio verify and qemu-io, devices equal', { skip }, async (t) => {

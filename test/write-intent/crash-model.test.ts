@@ -10,23 +10,13 @@ import { DirtyBitmap } from '../../src/native/index';
 import { CrashLayerStore, type CrashMode } from '../../src/write-intent/crash-layer';
 import { openWriteIntentLog, recoverMirror, type VolumeMetadataOptions } from '../../src/write-intent/recovery';
 import { EXTENT_BYTES } from '../../src/write-intent/write-intent-log';
+import { prng } from '../native/fixtures';
 
 const REGION_BYTES = 4096;
 const EXTENT_COUNT = 96;
 const SIZE_BYTES = EXTENT_COUNT * EXTENT_BYTES; // 384 MiB: 98304 regions, 4 bitmap pages
 const CAPACITY = 34; // the smallest log: plenty of evictions
 const silent = pino({ level: 'silent' });
-
-function mulberry32(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let x = state;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function copyOf(bitmap: DirtyBitmap): DirtyBitmap {
   const copy = new DirtyBitmap(bitmap.sizeBytes, bitmap.regionBytes);
@@ -42,7 +32,7 @@ function uncovered(needed: DirtyBitmap, have: DirtyBitmap): number {
 }
 
 async function crashRound(seed: number, mode: CrashMode): Promise<{ coveredAll: boolean; detail: string; recoveredBytes: number[] }> {
-  const random = mulberry32(seed);
+  const random = prng(seed);
   const pick = (n: number): number => Math.floor(random() * n);
   let store = new CrashLayerStore();
   /** The truth: regions where the source's device differs from the mirror's. */

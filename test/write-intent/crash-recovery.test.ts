@@ -11,6 +11,7 @@ import { deviceSha256, startMirrorPair, type MirrorPair } from '../helpers/mirro
 import { runTool } from '../helpers/daemon';
 import { NbdTestClient } from '../helpers/nbd-client';
 import * as P from '../../src/nbd/protocol';
+import { prng } from '../native/fixtures';
 
 const MiB = 1024 * 1024;
 const BLOCK = 4096;
@@ -20,17 +21,6 @@ const AREA_START = 4 * EXTENT;
 const AREA_BYTES = 3 * EXTENT;
 const QUEUE_DEPTH = 8;
 const skip = process.getuid?.() === 0 ? false : 'needs root for loop devices';
-
-function mulberry32(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let x = state;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 interface WriteLog {
   /** Per block: the last acknowledged content, and the one in flight (at most one per block). */
@@ -87,7 +77,7 @@ t.test('SIGKILL under load in sync mode: acknowledged writes are on the target; 
   const seed = Number(process.env.BM_CRASH_SEED ?? Date.now() % 1_000_000);
   const rounds = Number(process.env.BM_CRASH_ROUNDS ?? 3);
   t.comment(`seed ${seed}; rerun with BM_CRASH_SEED=${seed}`);
-  const random = mulberry32(seed);
+  const random = prng(seed);
   const pair = await startMirrorPair(t, { sizeBytes: 64 * MiB, fillBytes: 4 * MiB });
   await pair.addMirror({ mode: 'sync' });
   const first = await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC after the full copy');
