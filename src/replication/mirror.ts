@@ -657,7 +657,7 @@ export class Mirror implements VolumeReplica {
       if (this.stopping || this.machine.state !== 'RESET') return;
       this.fire({ type: 'retryDue' });
     } else if (state === 'READY') {
-      this.decide();
+      await this.decide();
     } else if (this.link === null || !this.link.isOpen || this.record.suspended) {
       await this.cracked();
     } else if (state === 'REPLICATE' || state === 'OUTOFSYNC') {
@@ -724,7 +724,7 @@ export class Mirror implements VolumeReplica {
   }
 
   /** READY: full copy, bitmap resync, or nothing, from the target's answer and our records. */
-  private decide(): void {
+  private async decide(): Promise<void> {
     const link = this.link;
     assert(link !== null);
     const knowsUs = link.reply.generationIds.includes(this.record.generation);
@@ -732,6 +732,11 @@ export class Mirror implements VolumeReplica {
       // The target has no history with this generation (new, re-added, or reset): everything.
       if (this.record.fullCopyDone) this.tryUpdate({ fullCopyDone: false });
       this.dirty.setRange(0, this.dirty.sizeBytes);
+      // Durable before the target records this generation (at our first flush): a crash in
+      // between must find every region dirty, not an old clean bitmap the target would now
+      // seem to match. A failure throws: the driver drops the link and retries.
+      await this.options.persistBitmap();
+      if (this.stopping || this.machine.state !== 'READY') return;
     }
     this.startPass();
     if (this.record.fullCopyDone && !this.options.fastResync()) {

@@ -139,11 +139,12 @@ export class ReplicationServer {
     let hello: Hello;
     let target: TargetLookup['volume'];
     let knownGenerations: number[];
+    let bindOnFlush: (() => Promise<void>) | undefined;
     try {
       const frame = await channel.receive(AbortSignal.timeout(HELLO_TIMEOUT_MS));
       if (frame.message.kind !== 'hello') throw new Refusal('ERROR_CODE_PROTOCOL', `expected hello, got ${frame.message.kind}`);
       hello = frame.message.body;
-      ({ volume: target, knownGenerations } = await this.admit(hello, peerName));
+      ({ volume: target, knownGenerations, bindOnFlush } = await this.admit(hello, peerName));
     } catch (error) {
       const code: ErrorCodeName = error instanceof Refusal ? error.code : 'ERROR_CODE_PROTOCOL';
       log.warn({ code, reason: (error as Error).message }, 'replication hello refused');
@@ -164,7 +165,7 @@ export class ReplicationServer {
         pooled.delete(buffer);
         this.pool.release(buffer);
       }
-    }, this.options.faultApplyDelayMaxMs ?? 0);
+    }, this.options.faultApplyDelayMaxMs ?? 0, bindOnFlush);
     this.sessions.set(hello.targetVolumeName, session);
     channel.send(
       wireMessage('helloReply', {
@@ -184,7 +185,7 @@ export class ReplicationServer {
   }
 
   /** MAKEPARTS on the target side: the checks of docs/PROTOCOL.md, then the binding. */
-  private async admit(hello: Hello, peerName: string): Promise<{ volume: TargetLookup['volume']; knownGenerations: number[] }> {
+  private async admit(hello: Hello, peerName: string): Promise<{ volume: TargetLookup['volume']; knownGenerations: number[]; bindOnFlush: (() => Promise<void>) | undefined }> {
     if (hello.protocolVersion !== PROTOCOL_VERSION) {
       throw new Refusal('ERROR_CODE_UNSUPPORTED_VERSION', `protocol version ${hello.protocolVersion} is not supported (this daemon speaks ${PROTOCOL_VERSION})`);
     }
@@ -215,10 +216,12 @@ export class ReplicationServer {
     }
     if (this.sessions.has(record.name)) throw new Refusal('ERROR_CODE_TARGET_BUSY', `volume ${record.name} is being written by another connection`);
     const knows = bound !== undefined && bound.generation === generation;
-    if (!knows) {
-      await this.options.bindSource(record.name, { peer: peerName, volumeUuid: hello.volumeUuid, volumeName: hello.volumeName, generation, boundAt: new Date().toISOString() });
-    }
-    return { volume, knownGenerations: knows ? [generation] : [] };
+    // A new generation is recorded only at the session's first durable flush, which the source
+    // sends after it has made "everything dirty" durable on its side: a source that crashes
+    // before that must not find its generation known, or it would trust an old, clean bitmap.
+    const binding = { peer: peerName, volumeUuid: hello.volumeUuid, volumeName: hello.volumeName, generation, boundAt: new Date().toISOString() };
+    const bindOnFlush = knows ? undefined : () => this.options.bindSource(record.name, binding);
+    return { volume, knownGenerations: knows ? [generation] : [], bindOnFlush };
   }
 }
 
@@ -236,6 +239,7 @@ class TargetSession {
   private inFlightBytes = 0;
   private lastSequence = 0;
   private ended: string | null = null;
+  private orderBroken = false;
   private readonly settledOne: Array<() => void> = [];
   private running: Promise<string> | null = null;
 
@@ -247,6 +251,8 @@ class TargetSession {
     private readonly logger: Logger,
     private readonly releasePayload: (buffer: Buffer) => void,
     private readonly faultDelayMaxMs: number,
+    /** Set for a generation the target does not know yet: recorded at the first durable flush. */
+    private bindOnFlush: (() => Promise<void>) | undefined,
   ) {}
 
   run(): Promise<string> {
@@ -331,7 +337,17 @@ class TargetSession {
       this.faultDelayMaxMs > 0
         ? (): Promise<void> => new Promise((resolve) => setTimeout(resolve, Math.random() * this.faultDelayMaxMs)).then(issue)
         : issue;
-    const applied = this.order.run(offsetBytes, lengthBytes, earlier === undefined ? apply : () => earlier.then(apply));
+    // After an ordered write failed, later ordered writes are refused too: applying them would
+    // leave a device that is no prefix of the source's writes.
+    const applyOrdered = async (): Promise<void> => {
+      await earlier;
+      if (this.orderBroken) throw Object.assign(new Error('an earlier ordered write failed'), { code: 'EIO' });
+      await apply().catch((error: unknown) => {
+        this.orderBroken = true;
+        throw error;
+      });
+    };
+    const applied = this.order.run(offsetBytes, lengthBytes, earlier === undefined ? apply : applyOrdered);
     applied.then(
       () => {
         this.appliedWrites++;
@@ -353,6 +369,11 @@ class TargetSession {
     void this.order
       .drain()
       .then(() => (durable ? this.volume.flush() : undefined))
+      .then(async () => {
+        const bind = durable ? this.bindOnFlush : undefined;
+        this.bindOnFlush = undefined;
+        await bind?.();
+      })
       .then(
         () => this.answer('flushAck', sequence, 'STATUS_OK'),
         (error: unknown) => {

@@ -160,7 +160,9 @@ export class WriteIntentLog implements WriteIntent {
     this.counters.acquiresWaited++;
     return new Promise((resolve, reject) => {
       this.waiters.push({ first, last, resolve, reject });
-      this.kick();
+      // A commit loop that already looked at the waiters would miss this one: ask it to look again.
+      if (this.committing) this.rekick = true;
+      else this.kick();
     });
   }
 
@@ -251,32 +253,42 @@ export class WriteIntentLog implements WriteIntent {
    *  (one slot write for every waiter that fits), until nobody can go on. */
   private async commitLoop(): Promise<void> {
     for (;;) {
+      if (this.closed) {
+        // Removed or closed: nothing may write the log any more (it would come back as a file).
+        for (const waiter of this.waiters.splice(0)) waiter.reject(new MetadataIoError('the write-intent log is closed'));
+        return;
+      }
       this.grantHotWaiters();
       if (this.waiters.length === 0) return;
       const evictable = [...this.hot].filter(([, refs]) => refs === 0).map(([extent]) => extent);
       const wanted = new Set<number>();
+      /** Every extent an admitted waiter needs, hot or not: none of them may be evicted. */
+      const needed = new Set<number>();
       const admitted: Waiter[] = [];
       for (const waiter of this.waiters) {
         const added: number[] = [];
+        const range: number[] = [];
         for (let extent = waiter.first; extent <= waiter.last; extent++) {
+          range.push(extent);
           if (!this.hot.has(extent) && !wanted.has(extent)) added.push(extent);
         }
-        const evictableLeft = evictable.filter((extent) => !wanted.has(extent) && !added.includes(extent)).length;
+        const evictableLeft = evictable.filter((extent) => !needed.has(extent) && !range.includes(extent)).length;
         if (this.hot.size + wanted.size + added.length - evictableLeft > this.capacity) break; // first come, first served
         for (const extent of added) wanted.add(extent);
+        for (const extent of range) needed.add(extent);
         admitted.push(waiter);
       }
       if (admitted.length === 0) return; // every slot is held by a write in progress: wait for a release
       const overflow = this.hot.size + wanted.size - this.capacity;
-      const victims = overflow > 0 ? evictable.filter((extent) => !wanted.has(extent)).slice(0, overflow) : [];
+      const victims = overflow > 0 ? evictable.filter((extent) => !needed.has(extent)).slice(0, overflow) : [];
       // From here a write to a victim waits for a later transaction that brings it back.
       for (const victim of victims) this.hot.delete(victim);
       try {
         if (victims.length > 0) await this.persistTrackers(victims);
         await this.writeSlot([...this.hot.keys(), ...wanted], false);
       } catch (error) {
-        // The victims are still in the last committed log: usable again.
-        for (const victim of victims) this.hot.set(victim, 0);
+        // The victims stay out: whether the failed slot reached the disk is unknown, so a write
+        // to one of them must wait for a transaction that brings it back durably.
         const failure = new MetadataIoError(`recording write intent in ${this.options.file.path} failed: ${(error as Error).message}`, { cause: error });
         this.lastError = failure.message;
         this.options.logger.error({ err: error }, 'write-intent metadata write failed; the writes waiting for it fail with EIO');

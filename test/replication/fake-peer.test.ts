@@ -325,11 +325,11 @@ t.test('target listener against a fake source', async (t) => {
     await t.test('write with unknown flag bits', async (t) => {
       const peer = await openSession(t);
       const offset = 2 * MiB;
-      peer.send(wireMessage('write', { sequence: 1, offsetBytes: offset, lengthBytes: 4096, flags: 0x4 | WriteFlag.FUA }), Buffer.alloc(4096, 0xee));
+      peer.send(wireMessage('write', { sequence: 1, offsetBytes: offset, lengthBytes: 4096, flags: 0x8 | WriteFlag.FUA }), Buffer.alloc(4096, 0xee));
       const closed = await peer.untilClosed();
       assertOnlyRefusals(t, closed, 'ERROR_CODE_PROTOCOL');
       t.ok(readDevice(offset, 4096).equals(expected.subarray(offset, offset + 4096)), 'the addressed range is unchanged');
-      await expectWarning(t, peer.localAddress, { msg: 'replication connection dropped', reason: /unknown write flags 5/ });
+      await expectWarning(t, peer.localAddress, { msg: 'replication connection dropped', reason: /unknown write flags 9/ });
       await assertServing(t);
       assertDeviceIsModel(t, 'unknown flags');
     });

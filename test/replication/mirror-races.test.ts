@@ -27,30 +27,23 @@ function slice(buffer: Buffer, offsetBytes: number, lengthBytes: number): Buffer
   return buffer.subarray(offsetBytes, offsetBytes + lengthBytes);
 }
 
-t.test('a target that answers the hello after connectTimeoutMs: RESET with ETIMEDOUT, retried until it answers in time', async (t) => {
+t.test('a target that does not answer within connectTimeoutMs (stalled path): RESET with BM_ERR_AUTH_TIMEOUT, retried until it answers in time', async (t) => {
+  // (The target records a binding only at the first flush now, so the Hello itself cannot be
+  // slowed from the target side; a stalled path times out the same connection step.)
   const { logger, logs } = captureLogger();
   const target = new FakeTarget();
-  let slow = true;
-  let hellos = 0;
-  let answer!: () => void;
-  const answered = new Promise<void>((resolve) => (answer = resolve));
-  t.teardown(() => answer());
-  const { port } = await startTarget(t, target, {
-    logger,
-    bindSource: async () => {
-      hellos++;
-      if (slow) await answered; // authenticated, then the Hello waits (longer than connectTimeoutMs)
-    },
-  });
+  const { port } = await startTarget(t, target, { logger });
+  const proxy = await startTcpProxy(t, port);
+  proxy.stall();
   const source = new FakeSource();
   source.data.set(randomBytes(64 * KiB), 512 * KiB);
-  const { mirror } = startMirror(t, source, () => port, { logger, timing: { connectTimeoutMs: 300 } });
+  const { mirror } = startMirror(t, source, () => proxy.port, { logger, timing: { connectTimeoutMs: 300 } });
 
-  const timeouts = (): LogLine[] => logs.filter((line) => line.msg === 'mirror MAKEPARTS -> RESET' && line.code === 'ETIMEDOUT');
-  await waitFor(() => timeouts().length >= 2 && hellos >= 2, 'two hellos timed out (RESET, ETIMEDOUT)', 5000);
+  const timeouts = (): LogLine[] => logs.filter((line) => line.msg === 'mirror MAKEPARTS -> RESET' && line.code === 'BM_ERR_AUTH_TIMEOUT');
+  await waitFor(() => timeouts().length >= 2, 'two connection attempts timed out (RESET, BM_ERR_AUTH_TIMEOUT)', 5000);
   t.ok(
-    mirror.info().history.some((entry) => entry.from === 'MAKEPARTS' && entry.to === 'RESET' && entry.code === 'ETIMEDOUT'),
-    'mirror status shows MAKEPARTS -> RESET with code ETIMEDOUT',
+    mirror.info().history.some((entry) => entry.from === 'MAKEPARTS' && entry.to === 'RESET' && entry.code === 'BM_ERR_AUTH_TIMEOUT'),
+    'mirror status shows MAKEPARTS -> RESET with code BM_ERR_AUTH_TIMEOUT',
   );
   t.ok(
     mirror.info().history.some((entry) => entry.from === 'RESET' && entry.to === 'INIT' && entry.event === 'retryDue'),
@@ -58,8 +51,7 @@ t.test('a target that answers the hello after connectTimeoutMs: RESET with ETIME
   );
   t.same(driverDeaths(logs), [], 'the driver did not die');
 
-  slow = false;
-  answer();
+  proxy.resume();
   await waitFor(() => mirror.info().state === 'INSYNC', 'INSYNC once the target answers in time', 5000);
   t.ok(source.data.equals(target.data), 'the target holds the source');
   t.same(driverDeaths(logs), [], 'no driver failure logged');

@@ -90,7 +90,7 @@ t.test('unknown or invalid content is refused as BM_ERR_STATE_CORRUPT', async (t
     ['unknown field in error', { version: mirrorsVersion, mirrors: [{ ...good, error: { code: 'BM_ERR_TARGET_IO', reason: 'x', at: 1 } }] }],
     ['missing field', { version: mirrorsVersion, mirrors: [{ ...good, generation: undefined }] }],
     ['unknown error code', { version: mirrorsVersion, mirrors: [{ ...good, error: { code: 'BM_ERR_NOPE', reason: 'x' } }] }],
-    ['unknown mode', { version: mirrorsVersion, mirrors: [{ ...good, mode: 'async' }] }],
+    ['unknown mode', { version: mirrorsVersion, mirrors: [{ ...good, mode: 'semi-sync' }] }],
     ['bad volume name', { version: mirrorsVersion, mirrors: [{ ...good, volume: '../etc' }] }],
     ['bad id', { version: mirrorsVersion, mirrors: [{ ...good, id: 'not-a-uuid' }] }],
     ['zero rate', { version: mirrorsVersion, mirrors: [{ ...good, maxRateBytesPerSec: 0 }] }],

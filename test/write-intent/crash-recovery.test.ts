@@ -136,3 +136,31 @@ t.test('SIGKILL under load in sync mode: acknowledged writes are on the target; 
   await pair.waitFor((status) => status.state === 'INSYNC' && status.dirtyBytes === 0, 'INSYNC after the full resync');
   await expectEqualDevices(t, pair);
 });
+
+t.test('target replaced by a blank volume, source SIGKILLed just after the new full copy started: the restart still copies everything', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: 64 * MiB, fillBytes: 16 * MiB });
+  await pair.addMirror({ mode: 'sync' });
+  await pair.waitFor((status) => status.state === 'INSYNC' && status.dirtyBytes === 0, 'INSYNC');
+  await pair.restartSource(); // the on-disk bitmap is clean and the log says so
+  await pair.waitFor((status) => status.state === 'INSYNC' && status.dirtyBytes === 0, 'INSYNC again');
+  await pair.source.request('mirror.set', { volume: 'vol0', maxRateBytesPerSec: 1 * MiB }); // keep the copy slow
+  // The target's volume is replaced: binding gone, device blank.
+  await pair.crashTarget(() => {
+    const file = path.join(pair.target.paths.stateDir, 'volumes.json');
+    const document = JSON.parse(fs.readFileSync(file, 'utf8')) as { volumes: Array<Record<string, unknown>> };
+    for (const volume of document.volumes) delete volume.mirrorSource;
+    fs.writeFileSync(file, JSON.stringify(document));
+    const fd = fs.openSync(pair.targetDevice.path, 'r+');
+    fs.writeSync(fd, Buffer.alloc(64 * MiB), 0, 64 * MiB, 0);
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+  });
+  await pair.waitFor((status) => status.state === 'REPLICATE', 'REPLICATE: the target lost the copy');
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  await pair.crashSource();
+  const after = await pair.status();
+  await pair.source.request('mirror.set', { volume: 'vol0', maxRateBytesPerSec: null });
+  const done = await pair.waitFor((status) => status.state === 'INSYNC' && status.dirtyBytes === 0, 'INSYNC after the restart', 60_000);
+  t.ok(done.sent.copyBytes + done.sent.zeroBytes >= 60 * MiB, `the restart copied the volume again (${(done.sent.copyBytes + done.sent.zeroBytes) / MiB} MiB; recovery ${after.recovery.kind})`);
+  await expectEqualDevices(t, pair);
+});
