@@ -353,9 +353,11 @@ async function main(): Promise<void> {
         `cores src ${medianOf(list, (r) => r.steady.cores.source).toFixed(2)} / tgt ${medianOf(list, (r) => r.steady.cores.target).toFixed(2)} / machine ${medianOf(list, (r) => r.steady.cores.machine).toFixed(2)}`;
       const counts = (list: ConfigRun[], which: 'first' | 'steady'): string => {
         const get = (f: (wi: NonNullable<Sample['writeIntent']>) => number): number => medianOf(list, (r) => (r[which].writeIntent === null ? Number.NaN : f(r[which].writeIntent as NonNullable<Sample['writeIntent']>)));
-        return `median per run: tx ${get((w) => w.transactions)}, pages ${get((w) => w.pageWrites)}, evictions ${get((w) => w.evictions)}, waited ${get((w) => w.acquiresWaited)} of ${medianOf(list, (r) => r[which].fioWrites)} writes`;
+        return `median per run: tx ${get((w) => w.transactions).toFixed(0)}, pages ${get((w) => w.pageWrites).toFixed(0)}, evictions ${get((w) => w.evictions).toFixed(0)}, waited ${get((w) => w.acquiresWaited).toFixed(0)} of ${medianOf(list, (r) => r[which].fioWrites).toFixed(0)} writes`;
       };
       const ratio = onIops / offIops;
+      // The source daemon's CPU per client write: less sensitive to other processes than IOPS.
+      const cpuUs = (list: ConfigRun[]): number => medianOf(list, (r) => (r.steady.cores.source * runtimeSeconds * 1e6) / r.steady.fioWrites);
       rows.push({
         mode,
         figure: '4k randwrite QD32, log on (512) vs recording off, steady',
@@ -365,6 +367,16 @@ async function main(): Promise<void> {
         bar: `>= ${costBar}`,
         pass: ratio >= costBar && allInSync,
         note: `on ${fmtRange(on.map((r) => r.steady.iops))}, off ${fmtRange(off.map((r) => r.steady.iops))}; per-round ratios ${pairRatios.map((x) => x.toFixed(3)).join(' ')}; ${coresNote(on)} (off: ${coresNote(off)})${allInSync ? '' : '; MIRROR LEFT INSYNC in a run'}${foreignCores >= 0.05 ? `; OTHER PROCESSES ${foreignCores.toFixed(2)} cores` : ''}`,
+      });
+      rows.push({
+        mode,
+        figure: '  source daemon CPU per write, log on vs off, steady',
+        value: `${cpuUs(on).toFixed(1)} us`,
+        peer: `off ${cpuUs(off).toFixed(1)} us`,
+        ratio: cpuUs(on) / cpuUs(off),
+        bar: '-',
+        pass: null,
+        note: `log of 64: ${cpuUs(scattered).toFixed(1)} us`,
       });
       rows.push({
         mode,
@@ -428,6 +440,7 @@ async function main(): Promise<void> {
         scatteredIops,
         scatteredRatio: scatteredIops / offIops,
         scatteredMetadataPer1000: md(scattered, 'steady'),
+        sourceCpuUsPerWrite: { on: cpuUs(on), off: cpuUs(off), scattered: cpuUs(scattered) },
         allInSync,
       };
     }
