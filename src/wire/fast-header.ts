@@ -75,6 +75,8 @@ function writeVarint(target: Buffer, offset: number, value: number): number {
  */
 export function encodeFastHeader(message: WireMessage, target: Buffer, offset: number): number {
   const kind = message.kind;
+  // Own properties only: a kind such as 'constructor' must reach the generic codec's refusal.
+  if (!Object.hasOwn(FIELD_OF_KIND, kind)) return -1;
   const field = FIELD_OF_KIND[kind];
   const names = FIELDS_OF_KIND[kind];
   if (field === undefined || names === undefined) return -1;

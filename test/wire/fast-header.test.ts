@@ -123,6 +123,11 @@ t.test('other messages and values the generic codec must check are left to it', 
     wireMessage('writeAck', { sequence: 1, status: 'STATUS_NOT_A_STATUS' as StatusName }),
   ];
   for (const message of declined) t.equal(fastEncode(message), undefined, JSON.stringify(message));
+  for (const kind of ['constructor', 'toString', '__proto__', 'nope']) {
+    const odd = { kind, body: { sequence: 1 } } as unknown as WireMessage;
+    t.equal(fastEncode(odd), undefined, `kind ${kind} left to the generic codec`);
+    t.throws(() => encodeFrame(odd), { code: 'BM_ERR_WIRE_UNKNOWN_MESSAGE' }, `kind ${kind} refused`);
+  }
   // And the frame encoder still refuses them with the generic codec's error.
   t.throws(() => encodeFrame(wireMessage('flush', { sequence: 2 ** 53 })), { code: 'BM_ERR_WIRE_RANGE' });
   t.throws(() => encodeFrame(wireMessage('flush', { sequence: -1 })), { code: 'BM_ERR_WIRE_RANGE' });
