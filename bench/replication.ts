@@ -80,6 +80,10 @@ interface NbdSample {
   value: number;
   p50Us: number;
   cores: Record<string, number>;
+  /** CPU both daemons used per write (4k job) or per MB (1M job), in microseconds: cores over the
+   *  run divided by the rate. Unlike the rate, this hardly moves when other processes compete
+   *  for the CPU, so it compares builds measured at different times. */
+  daemonCpuUs: number;
   /** Mirrored runs only: writes forwarded live, and whether the mirror stayed INSYNC throughout. */
   liveWrites?: number;
   fioWrites?: number;
@@ -281,6 +285,7 @@ async function main(): Promise<void> {
       foreign: median(fullSyncs.map((run) => run.cores.foreign)),
     };
     const fullSyncIdentical = identical(source, target);
+    const fullSyncCpuUsPerMB = median(fullSyncs.map((run) => ((run.cores.source + run.cores.target) * run.observedSeconds * 1e6) / (deviceBytes / 1e6)));
 
     // 2, 3. Sync-mode writes on the mirrored volume vs the unmirrored one, alternating which
     // goes first round by round so drift affects both alike. A mirrored run counts only if
@@ -296,7 +301,9 @@ async function main(): Promise<void> {
         for (const which of order) {
           const before = which === 'mirrored' ? await mirrorStatus(a.client) : undefined;
           const { result: side, cores } = await metered(() => nbdFio(uris[which], job, fioOut));
-          const sample: NbdSample = { value: job.unit === 'IOPS' ? side.iops : side.bw_bytes / 1e6, p50Us: p50Us(side), cores };
+          const value = job.unit === 'IOPS' ? side.iops : side.bw_bytes / 1e6;
+          const daemonCpuUs = ((cores.source + cores.target) * 1e6) / value;
+          const sample: NbdSample = { value, p50Us: p50Us(side), cores, daemonCpuUs };
           if (before !== undefined) {
             const after = await mirrorStatus(a.client);
             sample.liveWrites = after.sent.liveWrites - before.sent.liveWrites;
@@ -305,7 +312,7 @@ async function main(): Promise<void> {
             sample.stayedInSync = inSync(before) && inSync(after) && !leftInSync && sample.liveWrites >= sample.fioWrites;
           }
           samples[job.name][which].push(sample);
-          log(`${job.name} ${which}: ${sample.value.toFixed(0)} ${job.unit}, p50 ${sample.p50Us.toFixed(0)} us; cores: ${formatCores(cores)}${sample.stayedInSync === false ? '; MIRROR LEFT INSYNC' : ''}`);
+          log(`${job.name} ${which}: ${sample.value.toFixed(0)} ${job.unit}, p50 ${sample.p50Us.toFixed(0)} us; daemon CPU ${daemonCpuUs.toFixed(1)} us/${job.unit === 'IOPS' ? 'write' : 'MB'}; cores: ${formatCores(cores)}${sample.stayedInSync === false ? '; MIRROR LEFT INSYNC' : ''}`);
         }
       }
     }
@@ -354,7 +361,7 @@ async function main(): Promise<void> {
         ratio: fullSyncMBps / rawLimit,
         bar: '>= 0.8',
         pass: fullSyncMBps / rawLimit >= 0.8 && fullSyncIdentical && everyByteCopied,
-        note: `${fullSyncSeconds.toFixed(2)} s; raw read ${(rawRead.bw_bytes / 1e6).toFixed(0)}, write ${(rawWrite.bw_bytes / 1e6).toFixed(0)} MB/s; ${coresNote(fullSyncCores)}; target ${fullSyncIdentical ? 'identical' : 'DIFFERS'}${everyByteCopied ? '' : '; NOT EVERY BYTE WAS SENT AS DATA'}`,
+        note: `${fullSyncSeconds.toFixed(2)} s; raw read ${(rawRead.bw_bytes / 1e6).toFixed(0)}, write ${(rawWrite.bw_bytes / 1e6).toFixed(0)} MB/s; daemon CPU ${fullSyncCpuUsPerMB.toFixed(0)} us per MB; ${coresNote(fullSyncCores)}; target ${fullSyncIdentical ? 'identical' : 'DIFFERS'}${everyByteCopied ? '' : '; NOT EVERY BYTE WAS SENT AS DATA'}`,
       },
       ...nbdJobs.map((job): Row => {
         const { mirrored: ours, plain: theirs } = samples[job.name];
@@ -371,7 +378,8 @@ async function main(): Promise<void> {
           bar: `>= ${job.bar}`,
           pass: value / peer >= job.bar && allLive,
           note:
-            `p50 ${median(ours.map((s) => s.p50Us)).toFixed(0)} / ${median(theirs.map((s) => s.p50Us)).toFixed(0)} us; mirrored ${coresNote(medianCores(ours))}; ` +
+            `p50 ${median(ours.map((s) => s.p50Us)).toFixed(0)} / ${median(theirs.map((s) => s.p50Us)).toFixed(0)} us; ` +
+            `daemon CPU ${median(ours.map((s) => s.daemonCpuUs)).toFixed(1)} / ${median(theirs.map((s) => s.daemonCpuUs)).toFixed(1)} us per ${job.unit === 'IOPS' ? 'write' : 'MB'}; mirrored ${coresNote(medianCores(ours))}; ` +
             `unmirrored src ${medianCores(theirs).source.toFixed(2)}${allLive ? '' : '; MIRROR LEFT INSYNC in a run'}`,
         };
       }),
@@ -425,7 +433,7 @@ async function main(): Promise<void> {
           rawRuntimeSeconds,
           rows,
           raw: { fillBytesPerSec: fills, readBytesPerSec: rawRead.bw_bytes, writeBytesPerSec: rawWrite.bw_bytes },
-          fullSync: { seconds: fullSyncSeconds, runs: fullSyncs, identical: fullSyncIdentical },
+          fullSync: { seconds: fullSyncSeconds, runs: fullSyncs, identical: fullSyncIdentical, daemonCpuUsPerMB: fullSyncCpuUsPerMB },
           nbd: samples,
           resync: {
             writes: resyncWrites,

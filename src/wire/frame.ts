@@ -6,6 +6,7 @@
 import assert from 'node:assert';
 
 import { WireError } from './errors';
+import { encodeFastHeader, FAST_HEADER_BYTES_MAX } from './fast-header';
 import type { WireMessage } from './messages';
 import { decodeHeader, encodeHeader, expectedPayloadBytes } from './schema';
 
@@ -66,15 +67,24 @@ export function encodeFrame(message: WireMessage, payload?: Uint8Array, limits?:
     throw new WireError('BM_ERR_WIRE_PAYLOAD_TOO_LARGE', `payload ${payloadBytes} > ${payloadBytesMax} bytes`);
   }
   checkPayloadMatches(message, payloadBytes);
-  const header = encodeHeader(message);
-  if (header.byteLength > HEADER_BYTES_MAX) {
-    throw new WireError('BM_ERR_WIRE_HEADER_TOO_LARGE', `header ${header.byteLength} > ${HEADER_BYTES_MAX} bytes`);
+  let head: Buffer;
+  // The data path's headers are written in place, without protobufjs (same bytes).
+  const fastHead = Buffer.allocUnsafe(PRELUDE_BYTES + FAST_HEADER_BYTES_MAX);
+  const fastBytes = encodeFastHeader(message, fastHead, PRELUDE_BYTES);
+  if (fastBytes >= 0) {
+    head = fastHead.subarray(0, PRELUDE_BYTES + fastBytes);
+    head.writeUInt32BE(fastBytes, 4);
+  } else {
+    const header = encodeHeader(message);
+    if (header.byteLength > HEADER_BYTES_MAX) {
+      throw new WireError('BM_ERR_WIRE_HEADER_TOO_LARGE', `header ${header.byteLength} > ${HEADER_BYTES_MAX} bytes`);
+    }
+    head = Buffer.allocUnsafe(PRELUDE_BYTES + header.byteLength);
+    head.writeUInt32BE(header.byteLength, 4);
+    head.set(header, PRELUDE_BYTES);
   }
-  const head = Buffer.allocUnsafe(PRELUDE_BYTES + header.byteLength);
   head.writeUInt32BE(FRAME_MAGIC, 0);
-  head.writeUInt32BE(header.byteLength, 4);
   head.writeUInt32BE(payloadBytes, 8);
-  head.set(header, PRELUDE_BYTES);
   if (payload === undefined || payloadBytes === 0) return [head];
   const payloadBuffer = Buffer.isBuffer(payload)
     ? payload

@@ -9,6 +9,7 @@ import path from 'node:path';
 import protobuf from 'protobufjs';
 
 import { WireError } from './errors';
+import { decodeFastHeader } from './fast-header';
 import { WriteFlag, type MessageKind, type WireMessage } from './messages';
 
 const PROTO_FILE = path.join('proto', 'blockmirror.proto');
@@ -150,6 +151,12 @@ export function encodeHeader(message: WireMessage): Uint8Array {
 }
 
 export function decodeHeader(header: Uint8Array): WireMessage {
+  // The data path's messages in their canonical layout: without protobufjs (fast-header.ts).
+  return decodeFastHeader(header) ?? decodeGenericHeader(header);
+}
+
+/** decodeHeader through protobufjs alone (every message, every valid encoding). */
+export function decodeGenericHeader(header: Uint8Array): WireMessage {
   let decoded: protobuf.Message;
   try {
     decoded = Envelope.decode(header);
