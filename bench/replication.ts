@@ -7,6 +7,7 @@
 //      volume on an equal device in the same daemon, alternating round by round;
 //   3. 1M seqwrite QD8, likewise;
 //   4. resync after a suspension: bytes resent vs the bytes the mirror recorded dirty.
+//   5. 4k randwrite QD32 with the mirror switched to async mode (ordered writes) vs unmirrored.
 //
 // Prints a table (figure, peer, ratio, bar, PASS/FAIL, CPU used) and writes
 // bench/results/replication-<timestamp>.json. Needs root (losetup) and fio with its nbd engine.
@@ -290,9 +291,9 @@ async function main(): Promise<void> {
     // 2, 3. Sync-mode writes on the mirrored volume vs the unmirrored one, alternating which
     // goes first round by round so drift affects both alike. A mirrored run counts only if
     // every fio write was forwarded live and the mirror never left INSYNC.
-    const samples: Record<string, { mirrored: NbdSample[]; plain: NbdSample[] }> = {};
-    for (const job of nbdJobs) {
-      samples[job.name] = { mirrored: [], plain: [] };
+    // `extraCheck` adds a mode's own condition for a mirrored run to count (async: still ordered).
+    const compare = async (job: NbdJob, extraCheck: (before: MirrorInfo, after: MirrorInfo) => boolean = () => true): Promise<{ mirrored: NbdSample[]; plain: NbdSample[] }> => {
+      const result: { mirrored: NbdSample[]; plain: NbdSample[] } = { mirrored: [], plain: [] };
       // Unmeasured warm-up on both volumes: the first run of a job after another one is slower
       // (seen: 1M seqwrite unmirrored 1420 MB/s right after 4k randwrite, ~1900 MB/s after that).
       for (const which of ['plain', 'mirrored'] as const) await nbdFio(uris[which], job, fioOut, warmupSeconds);
@@ -309,13 +310,16 @@ async function main(): Promise<void> {
             sample.liveWrites = after.sent.liveWrites - before.sent.liveWrites;
             sample.fioWrites = Math.round(side.io_bytes / job.blockBytes);
             const leftInSync = after.history.some((e) => Date.parse(e.at) > Date.parse(before.since));
-            sample.stayedInSync = inSync(before) && inSync(after) && !leftInSync && sample.liveWrites >= sample.fioWrites;
+            sample.stayedInSync = inSync(before) && !leftInSync && sample.liveWrites >= sample.fioWrites && extraCheck(before, after);
           }
-          samples[job.name][which].push(sample);
+          result[which].push(sample);
           log(`${job.name} ${which}: ${sample.value.toFixed(0)} ${job.unit}, p50 ${sample.p50Us.toFixed(0)} us; daemon CPU ${daemonCpuUs.toFixed(1)} us/${job.unit === 'IOPS' ? 'write' : 'MB'}; cores: ${formatCores(cores)}${sample.stayedInSync === false ? '; MIRROR LEFT INSYNC' : ''}`);
         }
       }
-    }
+      return result;
+    };
+    const samples: Record<string, { mirrored: NbdSample[]; plain: NbdSample[] }> = {};
+    for (const job of nbdJobs) samples[job.name] = await compare(job);
 
     // 4. Resync. Idle past the mirror's periodic target flush (every 1 s) first, so no
     // acknowledged-but-unflushed write turns dirty when the link drops.
@@ -339,6 +343,14 @@ async function main(): Promise<void> {
     const resentBytes = sentCopy(resynced) - sentCopy(dirtied);
     const liveDuringResync = resynced.sent.liveBytes - dirtied.sent.liveBytes;
     log(`resync: dirty ${dirtyBytes} B (${dirtyAtSuspend} B at suspend), resent ${resentBytes} B in ${resyncSeconds.toFixed(2)} s`);
+    // 5. Async consistency mode (issue 4): the 4k job again with the mirror switched to async.
+    // A run counts only if every write went out as an ordered write (no buffer overflow, no
+    // fallback to the bitmap). The mirror must be caught up and in sync afterwards.
+    await a.client.request('mirror.set', { volume: mirrored, mode: 'async' });
+    await waitForMirror(a.client, 'async and ordered', (info) => inSync(info) && info.async?.ordered === true, 60_000);
+    const asyncJob = nbdJobs[0] as NbdJob;
+    const asyncSamples = await compare(asyncJob, (before, after) => after.async !== null && before.async !== null && after.async.overflows === before.async.overflows);
+    await waitForMirror(a.client, 'async mirror caught up', (info) => inSync(info) && info.async?.bufferedWrites === 0, 60_000);
     const finalIdentical = identical(source, target);
     clearInterval(sampler);
 
@@ -383,6 +395,26 @@ async function main(): Promise<void> {
             `unmirrored src ${medianCores(theirs).source.toFixed(2)}${allLive ? '' : '; MIRROR LEFT INSYNC in a run'}`,
         };
       }),
+      (() => {
+        const { mirrored: ours, plain: theirs } = asyncSamples;
+        const value = median(ours.map((s) => s.value));
+        const peer = median(theirs.map((s) => s.value));
+        const allOrdered = ours.every((s) => s.stayedInSync === true);
+        return {
+          figure: `async ${asyncJob.name}`,
+          value,
+          peerName: 'unmirrored',
+          peer,
+          unit: asyncJob.unit,
+          ratio: value / peer,
+          bar: '>= 0.8',
+          pass: value / peer >= 0.8 && allOrdered && finalIdentical,
+          note:
+            `p50 ${median(ours.map((s) => s.p50Us)).toFixed(0)} / ${median(theirs.map((s) => s.p50Us)).toFixed(0)} us; ` +
+            `daemon CPU ${median(ours.map((s) => s.daemonCpuUs)).toFixed(1)} / ${median(theirs.map((s) => s.daemonCpuUs)).toFixed(1)} us per write; mirrored ${coresNote(medianCores(ours))}` +
+            (allOrdered ? '' : '; A RUN FELL BACK TO THE BITMAP'),
+        };
+      })(),
       {
         figure: `resync resent (${resyncWrites} x 64 KiB)`,
         value: resentBytes,
@@ -435,6 +467,7 @@ async function main(): Promise<void> {
           raw: { fillBytesPerSec: fills, readBytesPerSec: rawRead.bw_bytes, writeBytesPerSec: rawWrite.bw_bytes },
           fullSync: { seconds: fullSyncSeconds, runs: fullSyncs, identical: fullSyncIdentical, daemonCpuUsPerMB: fullSyncCpuUsPerMB },
           nbd: samples,
+          async: asyncSamples,
           resync: {
             writes: resyncWrites,
             writeBytes: resyncWrites * resyncRegionBytes,

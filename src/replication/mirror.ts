@@ -436,14 +436,18 @@ export class Mirror implements VolumeReplica {
    * Async consistency mode (REC async consistency, DRBD protocol A): the client's write is done
    * once local; it travels to the target as an ordered write (applied after every earlier one,
    * so the target always holds a prefix of the source's writes). What is sent and not yet
-   * acknowledged is bounded; when that buffer is full, or while any region is dirty (catching
-   * up after a fallback or a crack), writes only mark the bitmap, and ordered sending resumes
-   * once the copier has made it clean.
+   * acknowledged is bounded; when that buffer is full, or the write's region is dirty (catching
+   * up after a fallback or a crack), it only marks the bitmap; the target is crash consistent
+   * again once the copier has made the bitmap clean.
    */
   private async forwardOrdered(offsetBytes: number, lengthBytes: number, data: Buffer | undefined, local: Promise<void>): Promise<void> {
     const link = this.liveLink();
     const overflow = this.asyncBytes + lengthBytes > this.asyncBufferBytes();
-    if (link === null || !this.isOrdered() || overflow) {
+    // While catching up, a write into a region the copier still owes only marks it (the copier
+    // sends what the device holds then); a write into a clean region still goes out ordered,
+    // so the bitmap only shrinks and catching up ends even under a steady write load.
+    const behind = this.dirty.testRange(offsetBytes, lengthBytes);
+    if (link === null || !this.takesOrderedWrites(link) || overflow || behind) {
       if (link !== null && overflow && this.isOrdered()) {
         this.asyncOverflows++;
         this.logger.warn({ bufferedBytes: this.asyncBytes, bufferBytes: this.asyncBufferBytes() }, 'async buffer full: tracking writes in the dirty bitmap until the target catches up');
@@ -469,10 +473,15 @@ export class Mirror implements VolumeReplica {
     await local.catch(() => this.markDirty(offsetBytes, lengthBytes));
   }
 
-  /** Async mode sends ordered writes: connected, caught up, and the target takes them. */
+  private takesOrderedWrites(link: SourceLink): boolean {
+    return (link.reply.capabilities & Capability.ORDERED_WRITES) !== 0;
+  }
+
+  /** Async mode is ordered (the target crash consistent): in sync, nothing owed, and the
+   *  target takes ordered writes. */
   private isOrdered(): boolean {
     const link = this.liveLink();
-    return link !== null && this.machine.state === 'INSYNC' && this.dirty.count() === 0 && (link.reply.capabilities & Capability.ORDERED_WRITES) !== 0;
+    return link !== null && this.machine.state === 'INSYNC' && this.dirty.count() === 0 && this.takesOrderedWrites(link);
   }
 
   private asyncBufferBytes(): number {
