@@ -8,6 +8,7 @@ import * as P from '../../src/nbd/protocol';
 import { runTool } from '../helpers/daemon';
 import { deviceSha256, qemuIo, startMirrorPair } from '../helpers/mirror-pair';
 import { NbdTestClient } from '../helpers/nbd-client';
+import { prng } from '../native/fixtures';
 
 const MiB = 1024 * 1024;
 const BLOCK = 4096;
@@ -23,11 +24,11 @@ interface Written {
 
 /** Dependent writes (each issued after the previous one was acknowledged), each block stamped
  *  with its sequence number, until the connection dies. */
-async function writeSequence(socketPath: string, log: Written[], stop: { killed: boolean }): Promise<void> {
+async function writeSequence(socketPath: string, log: Written[], stop: { killed: boolean }, random: () => number): Promise<void> {
   const { client } = await NbdTestClient.open(socketPath, 'vol0');
   try {
     while (!stop.killed) {
-      const block = Math.floor(Math.random() * AREA_BLOCKS);
+      const block = Math.floor(random() * AREA_BLOCKS);
       const data = randomBytes(BLOCK);
       data.writeUInt32LE(log.length + 1, 0); // sequence, 1-based
       data.writeUInt32LE(block, 4);
@@ -81,6 +82,9 @@ async function readArea(devicePath: string): Promise<Buffer> {
 
 t.test('async mode: acknowledged once local; the target holds a prefix of the writes whenever the source dies', { skip }, async (t) => {
   const rounds = Number(process.env.BM_CRASH_ROUNDS ?? 3);
+  const seed = Number(process.env.BM_CRASH_SEED ?? Date.now() % 1_000_000);
+  t.comment(`seed ${seed}; rerun with BM_CRASH_SEED=${seed}`);
+  const random = prng(seed);
   const pair = await startMirrorPair(t, { sizeBytes: 32 * MiB, fillBytes: 4 * MiB });
   const added = await pair.addMirror({ mode: 'async' });
   t.equal(added.mode, 'async');
@@ -89,8 +93,8 @@ t.test('async mode: acknowledged once local; the target holds a prefix of the wr
   for (let round = 0; round < rounds; round++) {
     const log: Written[] = [];
     const stop = { killed: false };
-    const writing = writeSequence(pair.source.paths.nbdSocket, log, stop);
-    const killAfterMs = 150 + Math.floor(Math.random() * 500);
+    const writing = writeSequence(pair.source.paths.nbdSocket, log, stop, random);
+    const killAfterMs = 150 + Math.floor(random() * 500);
     await new Promise((resolve) => setTimeout(resolve, killAfterMs));
     stop.killed = true;
     await pair.crashSource(async () => {
@@ -112,6 +116,9 @@ t.test('async mode: acknowledged once local; the target holds a prefix of the wr
 
 t.test('async mode: SIGKILL of the target while its writes finish out of order (fault delay): its device is still a prefix', { skip }, async (t) => {
   const rounds = Number(process.env.BM_CRASH_ROUNDS ?? 3);
+  const seed = Number(process.env.BM_CRASH_SEED ?? Date.now() % 1_000_000);
+  t.comment(`seed ${seed}; rerun with BM_CRASH_SEED=${seed}`);
+  const random = prng(seed);
   // Each replicated write waits a random 0..4 ms on the target before it is issued: writes that
   // were allowed to run concurrently would land out of order.
   const pair = await startMirrorPair(t, { sizeBytes: 32 * MiB, fillBytes: 4 * MiB, targetEnv: { BLOCKMIRROR_FAULT_TARGET_DELAY_MS: '4' } });
@@ -120,8 +127,8 @@ t.test('async mode: SIGKILL of the target while its writes finish out of order (
   for (let round = 0; round < rounds; round++) {
     const log: Written[] = [];
     const stop = { killed: false };
-    const writing = writeSequence(pair.source.paths.nbdSocket, log, stop);
-    const killAfterMs = 150 + Math.floor(Math.random() * 400);
+    const writing = writeSequence(pair.source.paths.nbdSocket, log, stop, random);
+    const killAfterMs = 150 + Math.floor(random() * 400);
     await new Promise((resolve) => setTimeout(resolve, killAfterMs));
     await pair.crashTarget(async () => {
       stop.killed = true;
