@@ -367,3 +367,28 @@ t.test('detachReplica stops forwarding', async (t) => {
   t.ok((await readBack(volume, 0, 4 * KiB)).subarray(19).equals(data.subarray(19)), 'writes still reach the local device');
   t.doesNotThrow(() => volume.detachReplica(replica), 'detaching again is harmless');
 });
+
+t.test('a long zeroing reaches the replicas and the write-intent log in pieces of at most 64 MiB, in order', async (t) => {
+  const bigBytes = 160 * 1024 * KiB;
+  const device = scratchDevice(t, bigBytes);
+  const volume = Volume.open({ name: 'big', uuid: 'u2', devicePath: device.path, readOnly: false }, logger);
+  t.teardown(() => volume.close());
+  const replica = new FakeReplica();
+  volume.attachReplica(replica);
+  const intents: Array<[string, number, number]> = [];
+  volume.setWriteIntent({
+    acquire: (offsetBytes, lengthBytes) => void intents.push(['acquire', offsetBytes, lengthBytes]),
+    release: (offsetBytes, lengthBytes) => void intents.push(['release', offsetBytes, lengthBytes]),
+  });
+  await volume.writeZeroes(4 * KiB, bigBytes - 8 * KiB, { fua: false, noHole: false, fastZero: false });
+  const pieces = replica.calls.map((call) => [call.offsetBytes, call.lengthBytes]);
+  t.ok(pieces.length >= 3, `${pieces.length} pieces`);
+  t.ok(pieces.every(([, length]) => (length as number) <= 64 * 1024 * KiB), 'none longer than 64 MiB');
+  let next = 4 * KiB;
+  for (const [offset, length] of pieces) {
+    t.equal(offset, next, 'pieces are contiguous and in order');
+    next = (offset as number) + (length as number);
+  }
+  t.equal(next, bigBytes - 4 * KiB, 'together they cover the range');
+  t.same(intents, pieces.flatMap(([offset, length]) => [['acquire', offset, length], ['release', offset, length]]), 'each piece takes and releases its own extents');
+});
