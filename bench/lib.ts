@@ -104,24 +104,25 @@ export class Children {
 
   /** SIGTERM every child still running and wait for it to exit, so its devices are free. */
   async stopAll(): Promise<void> {
-    await Promise.all(
-      this.children.map(async (child) => {
-        if (child.exitCode !== null || child.signalCode !== null || child.pid === undefined) return;
-        const exited = new Promise((r) => child.once('exit', r));
-        const signal = (name: NodeJS.Signals): void => {
-          try {
-            if (child.pid !== undefined && child.exitCode === null && child.signalCode === null) process.kill(child.pid, name);
-          } catch {
-            // exited meanwhile
-          }
-        };
-        signal('SIGTERM');
-        const timer = setTimeout(() => signal('SIGKILL'), 30_000);
-        await exited;
-        clearTimeout(timer);
-      }),
-    );
+    await Promise.all(this.children.map(stopChild));
   }
+}
+
+/** SIGTERM (a clean stop), SIGKILL after 30 s; waits for the exit. */
+export async function stopChild(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null || child.pid === undefined) return;
+  const exited = new Promise((r) => child.once('exit', r));
+  const signal = (name: NodeJS.Signals): void => {
+    try {
+      if (child.pid !== undefined && child.exitCode === null && child.signalCode === null) process.kill(child.pid, name);
+    } catch {
+      // exited meanwhile
+    }
+  };
+  signal('SIGTERM');
+  const timer = setTimeout(() => signal('SIGKILL'), 30_000);
+  await exited;
+  clearTimeout(timer);
 }
 
 const runningFio = new Set<ChildProcess>();

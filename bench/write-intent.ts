@@ -49,6 +49,7 @@ import {
   repoRoot,
   runFio,
   sleep,
+  stopChild,
   stopRunningFio,
   timestampForFile,
 } from './lib';
@@ -122,23 +123,6 @@ async function waitForMirror(client: ControlClient, what: string, done: (info: M
     if (Date.now() > deadline) throw new Error(`mirror not ${what} after ${timeoutMs} ms: ${JSON.stringify({ state: info.state, dirtyBytes: info.dirtyBytes, cause: info.cause })}`);
     await sleep(pollIntervalMs);
   }
-}
-
-/** SIGTERM (clean stop: final bitmaps, log flagged clean), SIGKILL after 30 s; waits for the exit. */
-async function stopChild(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null || child.pid === undefined) return;
-  const exited = new Promise((r) => child.once('exit', r));
-  const signal = (name: NodeJS.Signals): void => {
-    try {
-      if (child.pid !== undefined && child.exitCode === null && child.signalCode === null) process.kill(child.pid, name);
-    } catch {
-      // exited meanwhile
-    }
-  };
-  signal('SIGTERM');
-  const timer = setTimeout(() => signal('SIGKILL'), 30_000);
-  await exited;
-  clearTimeout(timer);
 }
 
 function filesystemType(path: string): string {
