@@ -3,7 +3,7 @@
 // whose JSON goes to a file (fio's nbd engine prints a line of its own on stdout, so stdout is
 // not JSON).
 import { ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 
 /** The repository root, from dist/bench/*.js. */
@@ -288,4 +288,52 @@ export function formatCores(cores: Record<string, number>): string {
   return Object.entries(cores)
     .map(([name, value]) => `${name} ${value.toFixed(2)}`)
     .join(', ');
+}
+
+/**
+ * What a benchmark creates, released once on every path (done, failure, SIGINT or SIGTERM):
+ * fio, control clients, daemons (by pid), loop devices, then scratch directories.
+ */
+export class BenchResources {
+  readonly devices: LoopDevice[] = [];
+  readonly children = new Children();
+  readonly clients = new Set<{ close(): void }>();
+  private readonly dirs: string[] = [];
+  private readonly timers: NodeJS.Timeout[] = [];
+  private cleaned: Promise<void> | undefined;
+  private readonly onSignal = (signal: NodeJS.Signals): void => {
+    console.error(`\n${signal}: cleaning up`);
+    void this.cleanup().finally(() => process.exit(130));
+  };
+
+  constructor() {
+    process.once('SIGINT', this.onSignal).once('SIGTERM', this.onSignal);
+  }
+
+  /** A scratch directory under `parent`, removed at cleanup. */
+  tempDir(parent: string, prefix: string): string {
+    const dir = mkdtempSync(join(parent, prefix));
+    this.dirs.push(dir);
+    return dir;
+  }
+
+  /** An interval cleared at cleanup. */
+  every(ms: number, tick: () => void): NodeJS.Timeout {
+    const timer = setInterval(tick, ms);
+    this.timers.push(timer);
+    return timer;
+  }
+
+  cleanup(): Promise<void> {
+    this.cleaned ??= (async () => {
+      for (const timer of this.timers) clearInterval(timer);
+      await stopRunningFio();
+      for (const client of this.clients) client.close();
+      await this.children.stopAll();
+      detachLoopDevices(this.devices);
+      for (const dir of this.dirs) rmSync(dir, { recursive: true, force: true });
+      process.off('SIGINT', this.onSignal).off('SIGTERM', this.onSignal);
+    })();
+    return this.cleaned;
+  }
 }

@@ -22,17 +22,16 @@
 //   BENCH_STRICT=1             exit 1 when a bar fails
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, writeFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { ControlClient } from '../src/control/client';
 import type { MirrorInfo } from '../src/control/protocol';
 import {
-  Children,
+  BenchResources,
   cpuCores,
   cpuSnapshot,
   createLoopDevice,
-  detachLoopDevices,
   type FioSide,
   ForeignCpu,
   formatCores,
@@ -43,7 +42,6 @@ import {
   repoRoot,
   runFio,
   sleep,
-  stopRunningFio,
   timestampForFile,
 } from './lib';
 
@@ -171,27 +169,10 @@ async function main(): Promise<void> {
   const loadAtStart = loadavg()[0];
   // Other sessions' tests, builds or daemons skew every figure on a 2-vCPU machine: measure them.
   const foreign = new ForeignCpu();
-  const sampler = setInterval(() => foreign.sample(), 500);
-  const work = mkdtempSync('/dev/shm/bm-repl-');
-  const devices: LoopDevice[] = [];
-  const children = new Children();
-  const clients: ControlClient[] = [];
-  let cleaned: Promise<void> | undefined;
-  const cleanup = (): Promise<void> =>
-    (cleaned ??= (async () => {
-      clearInterval(sampler);
-      await stopRunningFio();
-      for (const client of clients) client.close();
-      await children.stopAll();
-      detachLoopDevices(devices);
-      rmSync(work, { recursive: true, force: true });
-    })());
-  // Interrupted: still stop the daemons and detach the loop devices.
-  const onSignal = (signal: NodeJS.Signals): void => {
-    console.error(`\n${signal}: cleaning up`);
-    void cleanup().finally(() => process.exit(130));
-  };
-  process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
+  const resources = new BenchResources();
+  const sampler = resources.every(500, () => foreign.sample());
+  const work = resources.tempDir('/dev/shm', 'bm-repl-');
+  const { devices, children, clients } = resources;
   try {
     const fioOut = join(work, 'fio.json');
     const source = createLoopDevice(work, 'source.img', deviceBytes, { allocate: true });
@@ -231,7 +212,7 @@ async function main(): Promise<void> {
         controlSocket,
       );
       const client = await ControlClient.connect({ socketPath: controlSocket, timeoutMs: 30_000 });
-      clients.push(client);
+      clients.add(client);
       return { client, nbdSocket, pid: child.pid ?? 0 };
     };
     const a = await start('hostA', []);
@@ -489,8 +470,7 @@ async function main(): Promise<void> {
     console.log(`\nwrote ${file} (${totalSeconds.toFixed(0)} s)`);
     if (strict && rows.some((row) => !row.pass)) process.exitCode = 1;
   } finally {
-    await cleanup();
-    process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+    await resources.cleanup();
   }
 }
 

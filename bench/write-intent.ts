@@ -29,20 +29,18 @@
 //   BENCH_STRICT=1               exit 1 when a bar fails
 import { ChildProcess, execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { ControlClient } from '../src/control/client';
 import type { MirrorInfo, WriteIntentInfo } from '../src/control/protocol';
 import {
-  Children,
+  BenchResources,
   cpuCores,
   cpuSnapshot,
   createLoopDevice,
-  detachLoopDevices,
   ForeignCpu,
   formatCores,
-  type LoopDevice,
   median,
   MiB,
   p50Us,
@@ -50,7 +48,6 @@ import {
   runFio,
   sleep,
   stopChild,
-  stopRunningFio,
   timestampForFile,
 } from './lib';
 
@@ -145,28 +142,11 @@ async function main(): Promise<void> {
   const startedMs = Date.now();
   const loadAtStart = loadavg()[0];
   const foreign = new ForeignCpu();
-  const sampler = setInterval(() => foreign.sample(), 500);
-  const work = mkdtempSync('/dev/shm/bm-wi-');
-  const stateRoot = mkdtempSync(join(stateParent, 'bm-wi-state-'));
-  const devices: LoopDevice[] = [];
-  const children = new Children();
-  const clients = new Set<ControlClient>();
-  let cleaned: Promise<void> | undefined;
-  const cleanup = (): Promise<void> =>
-    (cleaned ??= (async () => {
-      clearInterval(sampler);
-      await stopRunningFio();
-      for (const client of clients) client.close();
-      await children.stopAll();
-      detachLoopDevices(devices);
-      rmSync(work, { recursive: true, force: true });
-      rmSync(stateRoot, { recursive: true, force: true });
-    })());
-  const onSignal = (signal: NodeJS.Signals): void => {
-    console.error(`\n${signal}: cleaning up`);
-    void cleanup().finally(() => process.exit(130));
-  };
-  process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
+  const resources = new BenchResources();
+  const sampler = resources.every(500, () => foreign.sample());
+  const work = resources.tempDir('/dev/shm', 'bm-wi-');
+  const stateRoot = resources.tempDir(stateParent, 'bm-wi-state-');
+  const { devices, children, clients } = resources;
   try {
     const stateFs = filesystemType(stateRoot);
     if (stateFs === 'tmpfs' || stateFs === 'ramfs') throw new Error(`${stateRoot} is on ${stateFs}: the source's state dir must be on a real disk (BENCH_STATE_PARENT)`);
@@ -481,8 +461,7 @@ async function main(): Promise<void> {
     console.log(`\nwrote ${file} (${elapsed.toFixed(0)} s)`);
     if (strict && rows.some((row) => row.pass === false)) process.exitCode = 1;
   } finally {
-    await cleanup();
-    process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+    await resources.cleanup();
   }
 }
 
