@@ -5,6 +5,8 @@
 import { ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import type { ControlClient } from '../src/control/client';
+import type { MirrorInfo } from '../src/control/protocol';
 
 /** The repository root, from dist/bench/*.js. */
 export const repoRoot = resolve(__dirname, '..', '..');
@@ -335,5 +337,32 @@ export class BenchResources {
       process.off('SIGINT', this.onSignal).off('SIGTERM', this.onSignal);
     })();
     return this.cleaned;
+  }
+}
+
+/** Progress lines go to stderr, so stdout holds only the result table. */
+export function log(message: string): void {
+  process.stderr.write(`  ${message}\n`);
+}
+
+/** In sync with nothing owed: connected, not suspended, nothing dirty. */
+export const inSync = (info: MirrorInfo): boolean => info.state === 'INSYNC' && info.linkUp && !info.suspended && info.dirtyBytes === 0;
+
+/** The single mirror of `volume` (what `blockmirror --json mirror status` prints). */
+export async function mirrorStatus(client: ControlClient, volume: string): Promise<MirrorInfo> {
+  const { mirrors } = await client.request('mirror.status', { volume });
+  if (mirrors.length !== 1) throw new Error(`expected one mirror of ${volume}, got ${mirrors.length}`);
+  return mirrors[0] as MirrorInfo;
+}
+
+/** Polls the mirror every 20 ms until `done`; fails in ERROR or after timeoutMs. */
+export async function waitForMirror(client: ControlClient, volume: string, what: string, done: (info: MirrorInfo) => boolean, timeoutMs: number): Promise<MirrorInfo> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const info = await mirrorStatus(client, volume);
+    if (done(info)) return info;
+    if (info.state === 'ERROR') throw new Error(`mirror in ERROR while waiting for ${what}: ${JSON.stringify(info.error)}`);
+    if (Date.now() > deadline) throw new Error(`mirror not ${what} after ${timeoutMs} ms: ${JSON.stringify({ state: info.state, dirtyBytes: info.dirtyBytes, cause: info.cause })}`);
+    await sleep(20);
   }
 }

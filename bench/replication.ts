@@ -35,16 +35,21 @@ import {
   type FioSide,
   ForeignCpu,
   formatCores,
+  inSync,
+  log,
   type LoopDevice,
   median,
   MiB,
+  mirrorStatus,
   p50Us,
   repoRoot,
   runFio,
   sleep,
   timestampForFile,
+  waitForMirror,
 } from './lib';
 
+const pollIntervalMs = 20;
 const deviceBytes = Number(process.env.BENCH_DEVICE_MIB ?? 1024) * MiB;
 const runtimeSeconds = Number(process.env.BENCH_RUNTIME ?? 5);
 const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
@@ -52,7 +57,6 @@ const syncRounds = Number(process.env.BENCH_SYNC_ROUNDS ?? 3);
 const warmupSeconds = 2;
 const rawRuntimeSeconds = Number(process.env.BENCH_RAW_RUNTIME ?? 3);
 const strict = process.env.BENCH_STRICT === '1';
-const pollIntervalMs = 20;
 const resyncRegionBytes = 64 * 1024;
 /** 1% of the volume, in 64 KiB writes (164 for 1 GiB). */
 const resyncWrites = Math.max(1, Math.round((deviceBytes * 0.01) / resyncRegionBytes));
@@ -115,26 +119,6 @@ function nbdFio(uri: string, job: NbdJob, output: string, seconds = runtimeSecon
   );
 }
 
-async function mirrorStatus(client: ControlClient): Promise<MirrorInfo> {
-  const { mirrors } = await client.request('mirror.status', { volume: mirrored });
-  if (mirrors.length !== 1) throw new Error(`expected one mirror of ${mirrored}, got ${mirrors.length}`);
-  return mirrors[0];
-}
-
-/** Polls mirror.status (what `blockmirror --json mirror status` prints) every 20 ms. */
-async function waitForMirror(client: ControlClient, what: string, done: (info: MirrorInfo) => boolean, timeoutMs: number): Promise<MirrorInfo> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const info = await mirrorStatus(client);
-    if (done(info)) return info;
-    if (info.state === 'ERROR') throw new Error(`mirror in ERROR while waiting for ${what}: ${JSON.stringify(info.error)}`);
-    if (Date.now() > deadline) throw new Error(`mirror not ${what} after ${timeoutMs} ms: ${JSON.stringify({ state: info.state, dirtyBytes: info.dirtyBytes, cause: info.cause })}`);
-    await sleep(pollIntervalMs);
-  }
-}
-
-const inSync = (info: MirrorInfo): boolean => info.state === 'INSYNC' && info.linkUp && !info.suspended && info.dirtyBytes === 0;
-
 /** When the mirror last entered INSYNC, from its history (ms since the epoch), if not before notBeforeMs. */
 function inSyncAtMs(info: MirrorInfo, notBeforeMs: number): number | undefined {
   const entry = [...info.history].reverse().find((e) => e.to === 'INSYNC');
@@ -157,10 +141,6 @@ function identical(a: LoopDevice, b: LoopDevice): boolean {
   } catch {
     return false;
   }
-}
-
-function log(message: string): void {
-  process.stderr.write(`  ${message}\n`);
 }
 
 async function main(): Promise<void> {
@@ -249,7 +229,7 @@ async function main(): Promise<void> {
       const addMs = Date.now();
       const { result: synced, cores } = await metered(async () => {
         await a.client.request('mirror.add', { volume: mirrored, peer: 'hostB', target: mirrored, mode: 'sync', onDisconnect: 'continue' });
-        return waitForMirror(a.client, 'INSYNC after the full copy', inSync, 120_000);
+        return waitForMirror(a.client, mirrored, 'INSYNC after the full copy', inSync, 120_000);
       });
       const observedSeconds = (Date.now() - addMs) / 1000;
       const seconds = ((inSyncAtMs(synced, addMs) ?? Date.now()) - addMs) / 1000;
@@ -281,13 +261,13 @@ async function main(): Promise<void> {
       for (let round = 0; round < rounds; round++) {
         const order = round % 2 === 0 ? (['plain', 'mirrored'] as const) : (['mirrored', 'plain'] as const);
         for (const which of order) {
-          const before = which === 'mirrored' ? await mirrorStatus(a.client) : undefined;
+          const before = which === 'mirrored' ? await mirrorStatus(a.client, mirrored) : undefined;
           const { result: side, cores } = await metered(() => nbdFio(uris[which], job, fioOut));
           const value = job.unit === 'IOPS' ? side.iops : side.bw_bytes / 1e6;
           const daemonCpuUs = ((cores.source + cores.target) * 1e6) / value;
           const sample: NbdSample = { value, p50Us: p50Us(side), cores, daemonCpuUs };
           if (before !== undefined) {
-            const after = await mirrorStatus(a.client);
+            const after = await mirrorStatus(a.client, mirrored);
             sample.liveWrites = after.sent.liveWrites - before.sent.liveWrites;
             sample.fioWrites = Math.round(side.io_bytes / job.blockBytes);
             const leftInSync = after.history.some((e) => Date.parse(e.at) > Date.parse(before.since));
@@ -306,7 +286,7 @@ async function main(): Promise<void> {
     // acknowledged-but-unflushed write turns dirty when the link drops.
     await sleep(2100);
     await a.client.request('mirror.suspend', { volume: mirrored });
-    const suspended = await waitForMirror(a.client, 'suspended', (info) => info.suspended && !info.linkUp, 10_000);
+    const suspended = await waitForMirror(a.client, mirrored, 'suspended', (info) => info.suspended && !info.linkUp, 10_000);
     const dirtyAtSuspend = suspended.dirtyBytes;
     // Random 64 KiB-aligned 64 KiB writes, no offset twice (fio's random map).
     await runFio(
@@ -315,11 +295,11 @@ async function main(): Promise<void> {
       'write',
       fioOut,
     );
-    const dirtied = await mirrorStatus(a.client);
+    const dirtied = await mirrorStatus(a.client, mirrored);
     const dirtyBytes = dirtied.dirtyBytes;
     const resumeMs = Date.now();
     await a.client.request('mirror.resume', { volume: mirrored });
-    const resynced = await waitForMirror(a.client, 'INSYNC after the resync', (info) => inSync(info) && inSyncAtMs(info, resumeMs) !== undefined, 60_000);
+    const resynced = await waitForMirror(a.client, mirrored, 'INSYNC after the resync', (info) => inSync(info) && inSyncAtMs(info, resumeMs) !== undefined, 60_000);
     const resyncSeconds = ((inSyncAtMs(resynced, resumeMs) ?? Date.now()) - resumeMs) / 1000;
     const resentBytes = sentCopy(resynced) - sentCopy(dirtied);
     const liveDuringResync = resynced.sent.liveBytes - dirtied.sent.liveBytes;
@@ -328,10 +308,10 @@ async function main(): Promise<void> {
     // A run counts only if every write went out as an ordered write (no buffer overflow, no
     // fallback to the bitmap). The mirror must be caught up and in sync afterwards.
     await a.client.request('mirror.set', { volume: mirrored, mode: 'async' });
-    await waitForMirror(a.client, 'async and ordered', (info) => inSync(info) && info.async?.ordered === true, 60_000);
+    await waitForMirror(a.client, mirrored, 'async and ordered', (info) => inSync(info) && info.async?.ordered === true, 60_000);
     const asyncJob = nbdJobs[0] as NbdJob;
     const asyncSamples = await compare(asyncJob, (before, after) => after.async !== null && before.async !== null && after.async.overflows === before.async.overflows);
-    await waitForMirror(a.client, 'async mirror caught up', (info) => inSync(info) && info.async?.bufferedWrites === 0, 60_000);
+    await waitForMirror(a.client, mirrored, 'async mirror caught up', (info) => inSync(info) && info.async?.bufferedWrites === 0, 60_000);
     const finalIdentical = identical(source, target);
     clearInterval(sampler);
 

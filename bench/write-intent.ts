@@ -41,23 +41,27 @@ import {
   createLoopDevice,
   ForeignCpu,
   formatCores,
+  inSync,
+  log,
   median,
   MiB,
+  mirrorStatus,
   p50Us,
   repoRoot,
   runFio,
   sleep,
   stopChild,
   timestampForFile,
+  waitForMirror,
 } from './lib';
 
+const pollIntervalMs = 20;
 const deviceBytes = Number(process.env.BENCH_DEVICE_MIB ?? 1024) * MiB;
 const runtimeSeconds = Number(process.env.BENCH_RUNTIME ?? 10);
 const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
 const modes = (process.env.BENCH_MODES ?? 'sync,stack').split(',').filter((mode) => mode !== '') as Array<'sync' | 'stack'>;
 const stateParent = process.env.BENCH_STATE_PARENT ?? '/var/tmp';
 const strict = process.env.BENCH_STRICT === '1';
-const pollIntervalMs = 20;
 const blockBytes = 4096;
 const volume = 'vol0';
 /** The bar: IOPS with the log on >= 0.9 x with recording off. */
@@ -97,29 +101,6 @@ interface ConfigRun {
   first: Sample;
   /** The run after it (steady state): the measured figure. */
   steady: Sample;
-}
-
-function log(message: string): void {
-  process.stderr.write(`  ${message}\n`);
-}
-
-const inSync = (info: MirrorInfo): boolean => info.state === 'INSYNC' && info.linkUp && !info.suspended && info.dirtyBytes === 0;
-
-async function mirrorStatus(client: ControlClient): Promise<MirrorInfo> {
-  const { mirrors } = await client.request('mirror.status', { volume });
-  if (mirrors.length !== 1) throw new Error(`expected one mirror of ${volume}, got ${mirrors.length}`);
-  return mirrors[0];
-}
-
-async function waitForMirror(client: ControlClient, what: string, done: (info: MirrorInfo) => boolean, timeoutMs: number): Promise<MirrorInfo> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const info = await mirrorStatus(client);
-    if (done(info)) return info;
-    if (info.state === 'ERROR') throw new Error(`mirror in ERROR while waiting for ${what}: ${JSON.stringify(info.error)}`);
-    if (Date.now() > deadline) throw new Error(`mirror not ${what} after ${timeoutMs} ms: ${JSON.stringify({ state: info.state, dirtyBytes: info.dirtyBytes, cause: info.cause })}`);
-    await sleep(pollIntervalMs);
-  }
 }
 
 function filesystemType(path: string): string {
@@ -205,14 +186,14 @@ async function main(): Promise<void> {
       await stopChild(a.child);
       a = await start('hostA', sourceDir, extents, []);
       aExtents = extents;
-      const info = await waitForMirror(a.client, 'INSYNC after the restart', inSync, 120_000);
+      const info = await waitForMirror(a.client, volume, 'INSYNC after the restart', inSync, 120_000);
       return { seconds: (Date.now() - begin) / 1000, info };
     };
 
     const uri = `nbd+unix:///${volume}?socket=${a.nbdSocket}`;
     const runOnce = async (mode: string): Promise<Sample> => {
       const pids = { source: a.pid, target: b.pid };
-      const before = await mirrorStatus(a.client);
+      const before = await mirrorStatus(a.client, volume);
       const snapshot = cpuSnapshot(pids, foreign);
       const side = await runFio(
         ['--name=wi', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', `--bs=${blockBytes}`, '--iodepth=32', `--size=${deviceBytes}`, '--time_based', `--runtime=${runtimeSeconds}`],
@@ -220,7 +201,7 @@ async function main(): Promise<void> {
         fioOut,
       );
       const cores = cpuCores(snapshot, cpuSnapshot(pids, foreign));
-      const after = await mirrorStatus(a.client);
+      const after = await mirrorStatus(a.client, volume);
       const fioWrites = Math.round(side.io_bytes / blockBytes);
       const wi = delta(before.writeIntent, after.writeIntent);
       let stayedInSync: boolean | null = null;
@@ -264,7 +245,7 @@ async function main(): Promise<void> {
       }
       await a.client.request('mirror.add', { volume, peer: 'hostB', target: volume, mode, onDisconnect: 'continue' });
       mirrorAdded = true;
-      await waitForMirror(a.client, `INSYNC after the full copy (${mode})`, inSync, 120_000);
+      await waitForMirror(a.client, volume, `INSYNC after the full copy (${mode})`, inSync, 120_000);
       log(`mirror in ${mode} mode, INSYNC (source log ${aExtents} extents)`);
       for (let round = 0; round < rounds; round++) {
         const order = round % 2 === 0 ? [...configs] : [...configs].reverse();
@@ -272,9 +253,9 @@ async function main(): Promise<void> {
           const restart = await restartSource(config.extents);
           const first = await runOnce(mode);
           // Stack mode: let the copier catch up, so the steady run starts from INSYNC too.
-          await waitForMirror(a.client, 'INSYNC between runs', inSync, 120_000);
+          await waitForMirror(a.client, volume, 'INSYNC between runs', inSync, 120_000);
           const steady = await runOnce(mode);
-          await waitForMirror(a.client, 'INSYNC after the runs', inSync, 120_000);
+          await waitForMirror(a.client, volume, 'INSYNC after the runs', inSync, 120_000);
           runs.push({ round, mode, config: config.key, extents: config.extents, restartSeconds: restart.seconds, recovery: restart.info.recovery, first, steady });
           log(`${mode} round ${round} ${config.key} (restart ${restart.seconds.toFixed(1)} s, recovery ${restart.info.recovery.kind}): first ${describe(first)}`);
           log(`${mode} round ${round} ${config.key}: steady ${describe(steady)}`);
