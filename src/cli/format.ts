@@ -64,11 +64,14 @@ export function formatVolumeInfo(volume: VolumeInfo): string {
     ['sectors', volume.logicalSectorBytes === null ? '-' : `${volume.logicalSectorBytes} logical, ${volume.physicalSectorBytes} physical`],
     ['role', volume.role],
     ['fast resync', volume.fastResync ? 'on' : 'off'],
-    ['mode', volume.readOnly ? 'read-only' : volume.role === 'mirror' ? 'read-only to clients (mirror target)' : 'read-write'],
+    ['mode', volume.readOnly ? 'read-only' : volume.promoted ? 'read-write (promoted mirror volume)' : volume.role === 'mirror' ? 'read-only to clients (mirror target)' : 'read-write'],
     ['connections', String(volume.connections)],
     ['nbd uri', volume.nbdUri],
   );
   if (volume.nbdTcpUri !== undefined) fields.push(['nbd tcp uri', volume.nbdTcpUri]);
+  if (volume.divergence !== null) {
+    fields.push(['diverged', `since ${volume.divergence.since}: ${formatSize(volume.divergence.divergedBytes)} written while promoted (split brain until the source resolves it)`]);
+  }
   return formatFields(fields);
 }
 
@@ -168,6 +171,12 @@ export function formatMirrorStatus(mirrors: readonly MirrorInfo[]): string {
       ];
       if (mirror.error !== null) fields.push(['error', `${mirror.error.code}: ${mirror.error.reason}`]);
       if (mirror.nextRetryAt !== null) fields.push(['next retry', mirror.nextRetryAt]);
+      const split = mirror.splitBrain;
+      if (split !== null) {
+        const resolving = split.resolving === null ? 'waiting for mirror resolve --discard this|peer' : `resolving: discarding ${split.resolving === 'this' ? 'this side' : 'the peer'}`;
+        fields.push(['split brain', `since ${split.detectedAt}: peer wrote ${formatSize(split.peerDivergedBytes)}${split.peerPromoted ? ' (still promoted)' : ''}, this side ${formatSize(split.localDirtyBytes)}; ${resolving}`]);
+      }
+      if (mirror.received.restoreBytes > 0) fields.push(['restored', `${formatSize(mirror.received.restoreBytes)} from the target`]);
       fields.push(
         ['mode', `${mirror.mode}, on disconnect ${mirror.onDisconnect}${mirror.maxRateBytesPerSec === null ? '' : `, copy capped at ${formatSize(mirror.maxRateBytesPerSec)}/s`}, fast resync ${mirror.fastResync ? 'on' : 'off'}`],
         ['sync timeout', `${formatMs(mirror.syncTimeoutMs)}, on timeout ${mirror.onTimeout}${mirror.mode === 'sync' ? '' : ' (not used in this mode)'}; ${mirror.syncTimeouts} timed out${mirror.lastSyncTimeoutAt === null ? '' : `, last at ${mirror.lastSyncTimeoutAt}`}`],

@@ -136,6 +136,18 @@ function buildProgram(): Command {
       }
       return call(program, 'volume.set', params, formatVolumeInfo);
     });
+  volume
+    .command('promote <name>')
+    .description('make a mirror volume writable to NBD clients (failover by hand); its source will find a split brain')
+    .option('--force', 'cut a source replicating into it instead of refusing', false)
+    .exitOverride()
+    .action((name: string, options: { force: boolean }) => call(program, 'volume.promote', { name, force: options.force }, formatVolumeInfo));
+  volume
+    .command('demote <name>')
+    .description('make a promoted mirror volume read-only to NBD clients again (the split brain stays until its source resolves it)')
+    .option('--force', 'disconnect NBD clients first instead of refusing', false)
+    .exitOverride()
+    .action((name: string, options: { force: boolean }) => call(program, 'volume.demote', { name, force: options.force }, formatVolumeInfo));
   const peer = program.command('peer').description('add, list, inspect and remove replication peers').exitOverride();
   peer
     .command('add <name>')
@@ -231,6 +243,16 @@ function buildProgram(): Command {
         call(program, `mirror.${command}`, { volume: volumeName, ...(options.peer === undefined ? {} : { peer: options.peer }) }, (result) => formatMirrorStatus([result])),
       );
   }
+  mirror
+    .command('resolve <volume>')
+    .description('end a split brain: --discard peer keeps this side (the target is overwritten where either side changed), --discard this keeps the target\'s data (restored here)')
+    .requiredOption('--discard <side>', 'this or peer: whose changes made while apart are thrown away')
+    .option('--peer <name>', 'the mirror on this peer (needed when the volume has several)')
+    .exitOverride()
+    .action((volumeName: string, options: { peer?: string; discard: string }) => {
+      if (options.discard !== 'this' && options.discard !== 'peer') throw usageError('--discard: expected this or peer');
+      return call(program, 'mirror.resolve', { volume: volumeName, discard: options.discard, ...(options.peer === undefined ? {} : { peer: options.peer }) }, (result) => formatMirrorStatus([result]));
+    });
   mirror
     .command('remove <volume>')
     .description('stop and forget a mirror (the target volume keeps its data)')

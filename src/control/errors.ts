@@ -18,6 +18,11 @@ export const ControlErrorCode = {
   PeerNotFound: 'BM_ERR_PEER_NOT_FOUND',
   /** The peer is used by a mirror: remove the mirror first. */
   PeerBusy: 'BM_ERR_PEER_BUSY',
+  /** The command needs another role: promote/demote a mirror volume, not a primary; demote only
+   *  a promoted one. */
+  VolumeRole: 'BM_ERR_VOLUME_ROLE',
+  /** The volume's device is not open (state error or failed). */
+  VolumeOffline: 'BM_ERR_VOLUME_OFFLINE',
   MirrorExists: 'BM_ERR_MIRROR_EXISTS',
   MirrorNotFound: 'BM_ERR_MIRROR_NOT_FOUND',
   /** The volume cannot be a mirror source (a mirror volume, read-only, or not online). */

@@ -47,6 +47,10 @@ export const onDisconnectPolicies = ['continue', 'block'] as const;
  *  mirror has been in sync, is then held until the mirror is in sync again with its regions
  *  copied. Stack mode forwards nothing, so neither applies there. */
 export const onTimeoutPolicies = ['suspend', 'block'] as const;
+/** mirror.resolve --discard: `peer` keeps this side's data (the target is overwritten where
+ *  either side changed), `this` keeps the target's (restored onto this side). */
+export const splitBrainDiscards = ['this', 'peer'] as const;
+export type SplitBrainDiscard = (typeof splitBrainDiscards)[number];
 export const syncTimeoutMsDefault = 5000;
 export const syncTimeoutMsMin = 10;
 export const syncTimeoutMsMax = 3_600_000;
@@ -77,6 +81,11 @@ export const paramsSchemas = {
   'volume.info': z.strictObject({ name: volumeName }),
   'volume.remove': z.strictObject({ name: volumeName, force: z.boolean().optional() }),
   'volume.set': z.strictObject({ name: volumeName, fastResync: z.boolean().optional() }),
+  /** A mirror volume becomes writable to NBD clients (failover by hand); force cuts a source
+   *  replicating into it. */
+  'volume.promote': z.strictObject({ name: volumeName, force: z.boolean().optional() }),
+  /** Read-only to clients again; force disconnects connected NBD clients. */
+  'volume.demote': z.strictObject({ name: volumeName, force: z.boolean().optional() }),
   'peer.add': z.strictObject({
     name: peerName,
     address: z
@@ -115,6 +124,8 @@ export const paramsSchemas = {
   'mirror.suspend': z.strictObject({ volume: volumeName, peer: peerName.optional() }),
   'mirror.resume': z.strictObject({ volume: volumeName, peer: peerName.optional() }),
   'mirror.reset': z.strictObject({ volume: volumeName, peer: peerName.optional() }),
+  /** Split brain: which side's changes are discarded (docs/SPLIT-BRAIN.md). */
+  'mirror.resolve': z.strictObject({ volume: volumeName, peer: peerName.optional(), discard: z.enum(splitBrainDiscards) }),
   status: z.strictObject({}),
 } as const;
 
@@ -149,6 +160,10 @@ export interface VolumeInfo {
   nbdUri: string;
   nbdTcpUri?: string;
   connections: number;
+  /** Mirror volumes: writable to NBD clients since volume.promote. */
+  promoted: boolean;
+  /** Mirror volumes written while promoted (split brain until the source resolves it), else null. */
+  divergence: { generation: number; since: string; divergedBytes: number } | null;
 }
 
 export interface VolumeRemoveResult {
@@ -224,6 +239,22 @@ export interface MirrorInfo {
   recovery: MirrorRecovery;
   /** The source volume's write-intent log; null when it is switched off. */
   writeIntent: WriteIntentInfo | null;
+  /** Set while the target diverged (split brain) and until mirror.resolve has finished. */
+  splitBrain: SplitBrainInfo | null;
+  /** Bytes copied from the target onto the source (mirror.resolve --discard this). */
+  received: { restoreBytes: number };
+}
+
+export interface SplitBrainInfo {
+  detectedAt: string;
+  /** Bytes of the regions the target's clients wrote while it was promoted. */
+  peerDivergedBytes: number;
+  /** The target volume is still promoted (it must be demoted before a resolve can run). */
+  peerPromoted: boolean;
+  /** Bytes of the regions this side changed that the target lacks. */
+  localDirtyBytes: number;
+  /** The side being discarded by a mirror.resolve in progress, or null. */
+  resolving: SplitBrainDiscard | null;
 }
 
 /** new: a new mirror (everything is copied); clean-shutdown: the bitmap saved at the last
@@ -285,6 +316,8 @@ export interface MethodResults {
   'volume.info': VolumeInfo;
   'volume.remove': VolumeRemoveResult;
   'volume.set': VolumeInfo;
+  'volume.promote': VolumeInfo;
+  'volume.demote': VolumeInfo;
   'peer.add': PeerInfo;
   'peer.list': { peers: PeerInfo[] };
   'peer.info': PeerInfo;
@@ -297,6 +330,7 @@ export interface MethodResults {
   'mirror.resume': MirrorInfo;
   'mirror.reset': MirrorInfo;
   'mirror.set': MirrorInfo;
+  'mirror.resolve': MirrorInfo;
   status: StatusResult;
 }
 

@@ -95,6 +95,11 @@ export class Daemon {
         const writer = this.replication?.sessionPeer(name);
         return writer === undefined ? null : `peer ${writer} is replicating into it; remove the mirror on ${writer} first`;
       },
+      replicationSession: (name) => {
+        const replication = this.replication;
+        const peer = replication?.sessionPeer(name);
+        return replication == null || peer === undefined ? undefined : { peer, end: (reason) => replication.endSession(name, reason) };
+      },
     });
     this.volumes = volumes;
     this.nbd = new NbdServer({
@@ -105,6 +110,7 @@ export class Daemon {
       shutdownTimeoutMs: nbdShutdownMsMax,
     });
     volumes.openRegistered(records);
+    await volumes.loadDivergence();
     const mirrors = new MirrorManager({
       stateDir: config.stateDir,
       nodeName: config.nodeName,
@@ -145,6 +151,8 @@ export class Daemon {
         secretForPeer: (name) => peers.secretFor(name),
         lookupVolume: (name) => volumes.lookup(name),
         bindSource: (name, binding) => volumes.bindMirrorSource(name, binding),
+        divergence: (name) => volumes.divergence(name),
+        resolveDivergence: (name, binding) => volumes.resolveDivergence(name, binding),
         logger: logger.child({ component: 'replication' }),
         faultApplyDelayMaxMs: faultApplyDelayFromEnv(logger),
       });
@@ -161,6 +169,8 @@ export class Daemon {
         'volume.info': async (params) => volumes.info(params.name),
         'volume.remove': (params) => volumes.remove(params),
         'volume.set': (params) => volumes.set(params),
+        'volume.promote': (params) => volumes.promote(params),
+        'volume.demote': (params) => volumes.demote(params),
         'peer.add': (params) => peers.add(params),
         'peer.list': async () => ({ peers: peers.list() }),
         'peer.info': async (params) => peers.info(params.name),
@@ -173,6 +183,7 @@ export class Daemon {
         'mirror.resume': (params) => mirrors.command(params, 'resume'),
         'mirror.reset': (params) => mirrors.command(params, 'reset'),
         'mirror.set': (params) => mirrors.set(params),
+        'mirror.resolve': (params) => mirrors.resolve(params),
         status: async () => this.status(),
       },
     });

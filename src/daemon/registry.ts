@@ -34,7 +34,16 @@ const volumeRecordSchema = z.strictObject({
       boundAt: z.iso.datetime(),
     })
     .optional(),
-}).refine((record) => !(record.role === 'mirror' && record.readOnly), 'a mirror volume cannot be readOnly (the mirror service writes to it)');
+  /** Mirror volumes only: made writable to NBD clients by hand (volume promote). */
+  promoted: z.boolean().default(false),
+  /** Mirror volumes only: written while promoted, so it no longer holds its source's data (split
+   *  brain) until the source resolves it. `generation` is the data generation this side started
+   *  at the promotion; the regions written are in <state>/diverged/<uuid>.dirty. */
+  divergence: z.strictObject({ generation: z.number().int().positive().max(Number.MAX_SAFE_INTEGER), since: z.iso.datetime() }).optional(),
+})
+  .refine((record) => !(record.role === 'mirror' && record.readOnly), 'a mirror volume cannot be readOnly (the mirror service writes to it)')
+  .refine((record) => !record.promoted || (record.role === 'mirror' && record.divergence !== undefined), 'only a mirror volume with a divergence record can be promoted')
+  .refine((record) => record.divergence === undefined || record.role === 'mirror', 'only a mirror volume can diverge');
 export type VolumeRecord = z.output<typeof volumeRecordSchema>;
 export type MirrorSourceBinding = NonNullable<VolumeRecord['mirrorSource']>;
 

@@ -15,10 +15,19 @@ import type { VolumeSpec } from '../volume/volume';
 import { describeErrno } from './errno';
 import { saveRegistry, volumesMax, type MirrorSourceBinding, type VolumeRecord } from './registry';
 import { ChangeQueue } from './change-queue';
+import type { DirtyBitmap } from '../native/index';
+import { DivergenceLog, type DivergenceLogOptions } from '../write-intent/divergence-log';
+import { FsMetadataStore, type MetadataStore } from '../write-intent/metadata-file';
+import { newGeneration } from '../replication/generation';
+
+/** Region size of a promoted volume's divergence record: the mirrors' dirty-bitmap region. */
+const DIVERGENCE_REGION_BYTES = 64 * 1024;
 
 /** The part of an open volume the manager needs; src/volume/volume.ts's Volume satisfies it. */
 export interface OpenVolume extends BlockBackend, ReplicaSource, ReplicaTarget {
   close(): Promise<void>;
+  /** Mirror volumes: writable to clients (promoted) or not. */
+  setPromoted(promoted: boolean): void;
   /** Set once a device write or flush failed (see Volume.failure). */
   failure(): { code: string; message: string } | undefined;
 }
@@ -44,6 +53,17 @@ export interface VolumeManagerOptions {
   uris: (name: string) => VolumeUris;
   /** Why a volume cannot be removed now (a mirror uses it), or null. */
   inUse?: (name: string) => string | null;
+  /** Where divergence records of promoted volumes go (the file system; tests' crash layer). */
+  metadataStore?: MetadataStore;
+  /** The peer replicating into a mirror volume now, and a way to end that session. */
+  replicationSession?: (name: string) => { peer: string; end(reason: string): Promise<void> } | undefined;
+}
+
+/** A diverged mirror volume's state, for the replication server (split brain). */
+export interface VolumeDivergence {
+  generation: number;
+  promoted: boolean;
+  bits: DirtyBitmap;
 }
 
 interface Entry {
@@ -56,6 +76,8 @@ interface Entry {
   identity: string | null;
   /** Hidden from new NBD clients while a remove is deciding. */
   removing: boolean;
+  /** What was written while promoted (record.divergence set and the volume open). */
+  divergence: DivergenceLog | null;
 }
 
 const notFoundCodes = new Set(['ENOENT', 'ENXIO', 'ENODEV', 'ENOTDIR']);
@@ -84,8 +106,12 @@ export class VolumeManager {
   private readonly uris: (name: string) => VolumeUris;
   private readonly inUse: (name: string) => string | null;
   private readonly changes = new ChangeQueue();
+  private readonly metadataStore: MetadataStore;
+  private readonly replicationSession: NonNullable<VolumeManagerOptions['replicationSession']>;
 
   constructor(options: VolumeManagerOptions) {
+    this.metadataStore = options.metadataStore ?? new FsMetadataStore();
+    this.replicationSession = options.replicationSession ?? (() => undefined);
     this.stateDir = options.stateDir;
     this.logger = options.logger;
     this.openVolume = options.openVolume;
@@ -99,7 +125,7 @@ export class VolumeManager {
   openRegistered(records: readonly VolumeRecord[]): void {
     assert(this.entries.size === 0);
     for (const record of records) {
-      const entry: Entry = { record, volume: null, reason: null, identity: null, removing: false };
+      const entry: Entry = { record, volume: null, reason: null, identity: null, removing: false, divergence: null };
       try {
         entry.identity = deviceIdentity(record.device);
         entry.volume = this.open(record);
@@ -109,6 +135,22 @@ export class VolumeManager {
         this.logger.error({ volume: record.name, device: record.device, err: error }, 'volume could not be opened; kept in state error');
       }
       this.entries.set(record.name, entry);
+    }
+  }
+
+  /** Loads the divergence record of every diverged mirror volume and makes promoted ones
+   *  writable again, before NBD clients or sources are served. */
+  async loadDivergence(): Promise<void> {
+    for (const entry of this.entries.values()) {
+      const { record, volume } = entry;
+      if (record.divergence === undefined || volume === null) continue;
+      const { log, state } = await DivergenceLog.open(this.divergenceOptions(record, volume));
+      entry.divergence = log;
+      if (record.promoted) {
+        volume.setWriteIntent(log);
+        volume.setPromoted(true);
+      }
+      this.logger.warn({ volume: record.name, promoted: record.promoted, divergedBytes: log.divergedBytes, record: state }, 'mirror volume diverged from its source (split brain until the source resolves it)');
     }
   }
 
@@ -180,6 +222,7 @@ export class VolumeManager {
         role,
         fastResync: true,
         createdAt: new Date().toISOString(),
+        promoted: false,
       };
       let volume: OpenVolume;
       try {
@@ -187,7 +230,7 @@ export class VolumeManager {
       } catch (error) {
         throw deviceError(device, error);
       }
-      const entry: Entry = { record, volume, reason: null, identity, removing: false };
+      const entry: Entry = { record, volume, reason: null, identity, removing: false, divergence: null };
       try {
         this.persist([...this.records(), record]);
       } catch (error) {
@@ -221,6 +264,12 @@ export class VolumeManager {
       }
       this.entries.delete(params.name);
       this.logger.info({ volume: params.name, uuid: entry.record.uuid, disconnected: connected }, 'volume removed');
+      if (entry.record.divergence !== undefined) {
+        await entry.divergence?.close();
+        await DivergenceLog.remove({ store: this.metadataStore, stateDir: this.stateDir, volumeUuid: entry.record.uuid }).catch((error: unknown) =>
+          this.logger.error({ volume: params.name, err: error }, 'removing the divergence record failed'),
+        );
+      }
       if (entry.volume !== null) {
         try {
           await entry.volume.close();
@@ -245,6 +294,115 @@ export class VolumeManager {
       entry.record = record;
       this.logger.info({ volume: params.name, fastResync: record.fastResync }, 'volume settings changed');
       return this.describe(entry);
+    });
+  }
+
+  /** volume.promote: a mirror volume becomes writable to NBD clients. Its divergence record is
+   *  durable (empty) and in the registry before the first client write can reach it, and every
+   *  region is recorded before it is written (DivergenceLog). */
+  promote(params: MethodParams<'volume.promote'>): Promise<VolumeInfo> {
+    return this.changes.run(async () => {
+      const entry = this.get(params.name);
+      const { record, volume } = entry;
+      if (record.role !== 'mirror') throw new BmError(ControlErrorCode.VolumeRole, `volume ${params.name} is a primary volume; only mirror volumes are promoted`);
+      if (record.promoted) throw new BmError(ControlErrorCode.VolumeRole, `volume ${params.name} is already promoted`);
+      if (volume === null || volume.failure() !== undefined) throw new BmError(ControlErrorCode.VolumeOffline, `volume ${params.name} is not online`);
+      const session = this.replicationSession(params.name);
+      if (session !== undefined && params.force !== true) {
+        throw new BmError(ControlErrorCode.VolumeBusy, `peer ${session.peer} is replicating into volume ${params.name}; stop or suspend that mirror first, or use force to cut it`);
+      }
+      // A volume promoted before (demoted, never resolved) keeps what it recorded then.
+      let log = entry.divergence;
+      const divergence = record.divergence ?? { generation: newGeneration(), since: new Date().toISOString() };
+      try {
+        log ??= await DivergenceLog.create(this.divergenceOptions(record, volume));
+      } catch (error) {
+        throw new BmError(ControlErrorCode.StateWrite, `volume ${params.name} not promoted: writing its divergence record failed: ${errorMessage(error)}`, { cause: error });
+      }
+      const next: VolumeRecord = { ...record, promoted: true, divergence };
+      try {
+        this.persist(this.records().map((other) => (other.name === params.name ? next : other)));
+      } catch (error) {
+        throw new BmError(ControlErrorCode.StateWrite, `volume ${params.name} not promoted: writing the registry failed: ${errorMessage(error)}`, { cause: error });
+      }
+      entry.record = next;
+      entry.divergence = log;
+      // From here a new source connection finds the volume diverged; one still connected ends
+      // after the writes it started have landed.
+      await session?.end(`volume ${params.name} was promoted by the admin`);
+      volume.setWriteIntent(log);
+      volume.setPromoted(true);
+      this.logger.warn({ volume: params.name, generation: divergence.generation, cutSource: session?.peer ?? null }, 'mirror volume promoted: writable to NBD clients; its source will find it diverged (split brain)');
+      return this.describe(entry);
+    });
+  }
+
+  /** volume.demote: read-only to NBD clients again. The divergence record stays until the
+   *  source resolves the split brain. */
+  demote(params: MethodParams<'volume.demote'>): Promise<VolumeInfo> {
+    return this.changes.run(async () => {
+      const entry = this.get(params.name);
+      const { record, volume } = entry;
+      if (!record.promoted) throw new BmError(ControlErrorCode.VolumeRole, `volume ${params.name} is not promoted`);
+      const connected = this.connections().connectionCount(params.name);
+      if (connected > 0 && params.force !== true) {
+        throw new BmError(ControlErrorCode.VolumeBusy, `volume ${params.name} has ${connected} NBD connection(s); disconnect them or use force`);
+      }
+      if (connected > 0) await this.connections().disconnectExport(params.name);
+      if (volume !== null) {
+        volume.setPromoted(false);
+        await entry.divergence?.settle();
+        volume.setWriteIntent(undefined);
+        // What the clients wrote is durable before the volume is a replica again.
+        await volume.flush().catch((error: unknown) => this.logger.error({ volume: params.name, err: error }, 'flushing the demoted volume failed'));
+      }
+      const next: VolumeRecord = { ...record, promoted: false };
+      try {
+        this.persist(this.records().map((other) => (other.name === params.name ? next : other)));
+      } catch (error) {
+        if (volume !== null && entry.divergence !== null) {
+          volume.setWriteIntent(entry.divergence);
+          volume.setPromoted(true);
+        }
+        throw new BmError(ControlErrorCode.StateWrite, `volume ${params.name} not demoted: writing the registry failed: ${errorMessage(error)}`, { cause: error });
+      }
+      entry.record = next;
+      this.logger.warn({ volume: params.name, disconnected: connected, divergedBytes: entry.divergence?.divergedBytes ?? null }, 'mirror volume demoted: read-only to NBD clients; the divergence stays until the source resolves it');
+      return this.describe(entry);
+    });
+  }
+
+  /** For the replication server: the divergence of a mirror volume, if it has one. */
+  divergence(name: string): VolumeDivergence | undefined {
+    const entry = this.entries.get(name);
+    if (entry?.record.divergence === undefined) return undefined;
+    const bits = entry.divergence?.bits;
+    if (bits === undefined) return undefined; // not open: the server refuses it as offline anyway
+    return { generation: entry.record.divergence.generation, promoted: entry.record.promoted, bits };
+  }
+
+  /** The source resolved the split brain: the volume holds `binding`'s generation again and the
+   *  divergence record goes. Refused while the volume is promoted. */
+  resolveDivergence(name: string, binding: MirrorSourceBinding): Promise<void> {
+    return this.changes.run(async () => {
+      const entry = this.get(name);
+      if (entry.record.promoted) throw new BmError(ControlErrorCode.VolumeRole, `volume ${name} is promoted; demote it before the split brain is resolved`);
+      const { divergence: _gone, ...rest } = entry.record;
+      const next: VolumeRecord = { ...rest, mirrorSource: binding };
+      try {
+        this.persist(this.records().map((other) => (other.name === name ? next : other)));
+      } catch (error) {
+        throw new BmError(ControlErrorCode.StateWrite, `resolving the split brain of volume ${name} failed: writing the registry failed: ${errorMessage(error)}`, { cause: error });
+      }
+      entry.record = next;
+      const log = entry.divergence;
+      entry.divergence = null;
+      await log?.close();
+      // After the registry: a file left behind by a crash here is never read again.
+      await DivergenceLog.remove({ store: this.metadataStore, stateDir: this.stateDir, volumeUuid: next.uuid }).catch((error: unknown) =>
+        this.logger.error({ volume: name, err: error }, 'removing the divergence record failed'),
+      );
+      this.logger.warn({ volume: name, source: binding }, 'split brain resolved by the source: the mirror volume holds its source generation again');
     });
   }
 
@@ -277,6 +435,7 @@ export class VolumeManager {
       if (entry.volume === null) return;
       try {
         await entry.volume.close();
+        await entry.divergence?.close();
         this.logger.info({ volume: entry.record.name }, 'volume closed');
       } catch (error) {
         this.logger.error({ volume: entry.record.name, err: error }, 'closing volume failed');
@@ -292,6 +451,17 @@ export class VolumeManager {
     const spec: VolumeSpec = { name: record.name, uuid: record.uuid, devicePath: record.device, readOnly: record.readOnly, role: record.role };
     // Volume adds its own { volume: name } binding.
     return this.openVolume(spec, this.logger);
+  }
+
+  private divergenceOptions(record: VolumeRecord, volume: OpenVolume): DivergenceLogOptions {
+    return {
+      store: this.metadataStore,
+      stateDir: this.stateDir,
+      volumeUuid: record.uuid,
+      sizeBytes: volume.info().sizeBytes,
+      regionBytes: DIVERGENCE_REGION_BYTES,
+      logger: this.logger.child({ volume: record.name, component: 'divergence' }),
+    };
   }
 
   private get(name: string): Entry {
@@ -324,6 +494,11 @@ export class VolumeManager {
       physicalSectorBytes: backendInfo?.physicalSectorBytes ?? null,
       ...this.uris(record.name),
       connections: volume === null ? 0 : this.connections().connectionCount(record.name),
+      promoted: record.promoted,
+      divergence:
+        record.divergence === undefined
+          ? null
+          : { generation: record.divergence.generation, since: record.divergence.since, divergedBytes: entry.divergence?.divergedBytes ?? 0 },
     };
     if (entry.reason !== null) info.reason = entry.reason;
     const failure = volume?.failure();

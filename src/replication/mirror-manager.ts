@@ -11,7 +11,8 @@ import type { ReplicaSource } from '../volume/replica';
 import type { MetadataStore } from '../write-intent/metadata-file';
 import { mirrorBitmapPath, newMirrorMetadata, openWriteIntentLog, recoverMirror, type RecoveredMirror, type VolumeMetadataOptions } from '../write-intent/recovery';
 import { EXTENT_BYTES, type WriteIntentLog } from '../write-intent/write-intent-log';
-import { Mirror, MirrorError, newGeneration, REGION_BYTES, type MirrorTiming, type PeerEndpoint } from './mirror';
+import { newGeneration } from './generation';
+import { Mirror, MirrorError, REGION_BYTES, type MirrorTiming, type PeerEndpoint } from './mirror';
 import { mirrorsMax, mirrorsPerVolumeMax, saveMirrors, type MirrorRecord } from './mirror-store';
 import { defaultOnTimeout, settingsProblem, syncPolicyOf } from './sync-timeout';
 
@@ -208,6 +209,21 @@ export class MirrorManager {
     });
   }
 
+  /** mirror.resolve: the admin's choice in a split brain (see Mirror.resolve). */
+  resolve(params: MethodParams<'mirror.resolve'>): Promise<MirrorInfo> {
+    return this.changes.run(async () => {
+      const mirror = this.find(params.volume, params.peer);
+      try {
+        mirror.resolve(params.discard);
+      } catch (error) {
+        if (error instanceof MirrorError) throw new BmError(error.code, error.message);
+        throw error;
+      }
+      this.logger.warn({ volume: params.volume, peer: mirror.key.peer, discard: params.discard }, 'split brain: resolve requested by the admin');
+      return mirror.info();
+    });
+  }
+
   /** mirror.set: changes a running mirror's mode, policies or copy rate, persisted before the
    *  answer. The resulting combination must make sense (settingsProblem). */
   set(params: MethodParams<'mirror.set'>): Promise<MirrorInfo> {
@@ -368,5 +384,7 @@ function dormantInfo(record: MirrorRecord): MirrorInfo {
     async: null,
     recovery: { kind: 'metadata-lost', detail: 'not running: its source volume is not online', dirtyBytesAtStart: 0 },
     writeIntent: null,
+    splitBrain: record.splitBrain === undefined ? null : { ...record.splitBrain, resolving: record.resolve ?? null },
+    received: { restoreBytes: 0 },
   };
 }

@@ -320,7 +320,7 @@ export interface MirrorStatus {
   history: MirrorTransition[];
 }
 
-export type MirrorCommand = 'resume' | 'reset' | 'suspend' | 'remove' | 'set-mode';
+export type MirrorCommand = 'resume' | 'reset' | 'suspend' | 'remove' | 'set-mode' | 'resolve';
 
 /** States in which each admin command is legal (remove: everywhere, but see `force`). */
 const COMMAND_STATES: Readonly<Record<MirrorCommand, ReadonlySet<MirrorStateName>>> = {
@@ -330,6 +330,8 @@ const COMMAND_STATES: Readonly<Record<MirrorCommand, ReadonlySet<MirrorStateName
   remove: new Set(MIRROR_STATES),
   // The mode is announced in Hello: changing it while the handshake runs would race it.
   'set-mode': new Set(['INIT', 'RESET', 'ERROR', 'REPLICATE', 'OUTOFSYNC', 'INSYNC']),
+  // Only a split brain (the mirror checks the ERROR's code too).
+  resolve: new Set(['ERROR']),
 };
 const COMMAND_HINT: Readonly<Record<MirrorCommand, string>> = {
   resume: 'resume applies in ERROR, RESET or a suspended (INIT) mirror',
@@ -337,6 +339,7 @@ const COMMAND_HINT: Readonly<Record<MirrorCommand, string>> = {
   suspend: 'the mirror is not running',
   remove: '',
   'set-mode': 'the mode is being negotiated; retry once the mirror left MAKEPARTS/READY',
+  resolve: 'resolve applies to a mirror in ERROR with code BM_ERR_SPLIT_BRAIN',
 };
 /** States where the target is not a consistent image: remove needs force there. */
 const INCONSISTENT_TARGET_STATES: ReadonlySet<MirrorStateName> = new Set(['REPLICATE', 'OUTOFSYNC']);

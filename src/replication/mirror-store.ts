@@ -2,7 +2,7 @@
 // load, written atomically). Each mirror's dirty bitmap lives in src/write-intent/.
 import path from 'node:path';
 import { z } from 'zod';
-import { asyncBufferBytesMax, asyncBufferBytesMin, mirrorModes, onDisconnectPolicies, onTimeoutPolicies, syncTimeoutMsMax, syncTimeoutMsMin, volumeNamePattern } from '../control/protocol';
+import { asyncBufferBytesMax, asyncBufferBytesMin, mirrorModes, onDisconnectPolicies, onTimeoutPolicies, splitBrainDiscards, syncTimeoutMsMax, syncTimeoutMsMin, volumeNamePattern } from '../control/protocol';
 import { loadStateFile, saveStateFile, stateFileCorrupt, type StateFile } from '../daemon/state-file';
 import { MIRROR_ERROR_CODES } from './mirror-state';
 
@@ -35,6 +35,17 @@ const mirrorRecordSchema = z.strictObject({
   /** The first full copy finished: from now on the bitmap alone says what the target lacks. */
   fullCopyDone: z.boolean(),
   suspended: z.boolean(),
+  /** Split brain: what the target reported when it was found (kept across restarts until it is
+   *  resolved), and the side the admin chose to discard (mirror resolve), until that is done. */
+  splitBrain: z
+    .strictObject({
+      detectedAt: z.iso.datetime(),
+      peerDivergedBytes: z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER),
+      peerPromoted: z.boolean(),
+      localDirtyBytes: z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER),
+    })
+    .optional(),
+  resolve: z.enum(splitBrainDiscards).optional(),
   /** Set while the mirror is in ERROR, so a restart does not forget why. */
   error: z.strictObject({ code: z.enum(MIRROR_ERROR_CODES), reason: z.string().max(4096) }).nullable(),
   createdAt: z.iso.datetime(),

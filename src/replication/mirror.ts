@@ -12,7 +12,7 @@
 // critical section in which it reads and sends the bytes.
 import assert from 'node:assert';
 import type { Logger } from 'pino';
-import { asyncBufferBytesDefault, type MirrorInfo, type MirrorRecovery, type WriteIntentInfo } from '../control/protocol';
+import { asyncBufferBytesDefault, type MirrorInfo, type MirrorRecovery, type SplitBrainDiscard, type WriteIntentInfo } from '../control/protocol';
 import { Capability } from '../wire/index';
 import { BufferPool, DirtyBitmap, type DirtyRun } from '../native/index';
 import type { ReplicaSource, VolumeReplica } from '../volume/replica';
@@ -22,6 +22,9 @@ import { MirrorStateMachine, type MirrorErrorCode, type MirrorEvent, type Mirror
 import { RateLimit } from './rate-limit';
 import { LinkSetupError, SourceLink, type SendResult } from './source-link';
 import { SyncDeadline, syncPolicyOf, type MirrorSettings } from './sync-timeout';
+import { dirtyRunsBetween } from '../write-intent/bitmap-file';
+import { newGeneration } from './generation';
+import { bitmapPartsMax, mergePeerBitmap, restoreFromPeer } from './split-brain';
 
 /** Dirty-bitmap granularity: 64 KiB regions cost 2 MiB of bitmap per TiB. */
 export const REGION_BYTES = 64 * 1024;
@@ -161,6 +164,12 @@ export class Mirror implements VolumeReplica {
   private readonly asyncInFlight = new Set<DirtyRun>();
   private asyncBytes = 0;
   private asyncOverflows = 0;
+  /** Split brain resolved with --discard this: client writes wait at admit() while the
+   *  target's bytes are restored; the restore's own writes are recognised by their memory (the
+   *  volume hands replicas views of it, not the same Buffer object). */
+  private restoreGate: { promise: Promise<void>; open: () => void } | null = null;
+  private readonly restoring = new Set<ArrayBufferLike>();
+  private restoredBytes = 0;
 
   constructor(options: MirrorOptions) {
     this.options = options;
@@ -270,6 +279,20 @@ export class Mirror implements VolumeReplica {
     this.wakeup.notify();
   }
 
+  /** Split brain: the admin picked the side to discard. The next connection merges both
+   *  sides' changes and resyncs (discard peer) or restores (discard this) only their union. */
+  resolve(discard: SplitBrainDiscard): void {
+    const refusal = this.machine.commandAllowed('resolve');
+    if (refusal !== undefined) throw new MirrorError(refusal.code, refusal.message);
+    if (this.record.error?.code !== 'BM_ERR_SPLIT_BRAIN') {
+      throw new MirrorError('BM_ERR_MIRROR_COMMAND_NOT_ALLOWED', `resolve is not allowed: the mirror is in ERROR ${this.record.error?.code ?? ''}, not in a split brain`);
+    }
+    this.update({ resolve: discard, suspended: false });
+    this.machine.fire({ type: 'adminResume', reason: `split brain: resolve --discard ${discard} by the admin` });
+    this.backoff.reset();
+    this.wakeup.notify();
+  }
+
   /** mirror.set: the mode and policies apply from the next client write, the rate from the next
    *  copy chunk. The manager checked the combination (settingsProblem). */
   set(change: Partial<MirrorSettings> & { maxRateBytesPerSec?: number | null }): void {
@@ -348,6 +371,8 @@ export class Mirror implements VolumeReplica {
           : null,
       recovery: { ...this.options.recovery },
       writeIntent: this.options.writeIntentInfo(),
+      splitBrain: this.record.splitBrain === undefined ? null : { ...this.record.splitBrain, resolving: this.record.resolve ?? null },
+      received: { restoreBytes: this.restoredBytes },
     };
   }
 
@@ -355,7 +380,7 @@ export class Mirror implements VolumeReplica {
    *  acknowledged but not flushed, or in transit. The write-intent log persists these. */
   mayDiffer(startBytes: number, endBytes: number): DirtyRun[] {
     const runs: DirtyRun[] = [];
-    for (const bitmap of [this.dirty, this.unflushed, ...this.flushesInFlight]) runsBetween(bitmap, startBytes, endBytes, runs);
+    for (const bitmap of [this.dirty, this.unflushed, ...this.flushesInFlight]) dirtyRunsBetween(bitmap, startBytes, endBytes, runs);
     for (const inTransit of [this.copiesInFlight, this.asyncInFlight]) {
       for (const run of inTransit) {
         if (run.offsetBytes < endBytes && run.offsetBytes + run.lengthBytes > startBytes) runs.push(run);
@@ -367,10 +392,17 @@ export class Mirror implements VolumeReplica {
   // --- VolumeReplica -------------------------------------------------------------------------
 
   admit(): Promise<void> | void {
+    if (this.restoreGate !== null) return this.restoreGate.promise.then(() => this.admit());
     if (this.mustHold()) return this.hold();
   }
 
   replicateWrite(offsetBytes: number, data: Buffer, fua: boolean, local: Promise<void>): Promise<void> {
+    if (this.restoring.has(data.buffer)) {
+      // Our own restore: once written, the source holds the target's bytes there. Cleared here,
+      // under the range lock, so a client write after it marks the region again.
+      this.dirty.clearRange(offsetBytes, data.length);
+      return local.catch(() => this.markDirty(offsetBytes, data.length));
+    }
     if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, data.length, data, local);
     return this.forward(offsetBytes, data.length, local, (link) => link.write(offsetBytes, data, data.length, fua));
   }
@@ -695,7 +727,7 @@ export class Mirror implements VolumeReplica {
           sizeBytes: info.sizeBytes,
           logicalSectorBytes: info.logicalSectorBytes,
           generationIds: [record.generation],
-          capabilities: Capability.ORDERED_WRITES,
+          capabilities: Capability.ORDERED_WRITES | Capability.BITMAP_EXCHANGE,
         },
         connectTimeoutMs: this.options.timing.connectTimeoutMs,
         ackTimeoutMs: this.options.timing.ackTimeoutMs,
@@ -736,7 +768,15 @@ export class Mirror implements VolumeReplica {
   private async decide(): Promise<void> {
     const link = this.link;
     assert(link !== null);
-    const knowsUs = link.reply.generationIds.includes(this.record.generation);
+    let knowsUs = link.reply.generationIds.includes(this.record.generation);
+    if (link.reply.diverged) {
+      if (!(await this.splitBrain(link))) return;
+      // The target now holds our generation (Resolve) and the union of changes is dirty.
+      knowsUs = true;
+    } else if (this.record.resolve !== undefined || this.record.splitBrain !== undefined) {
+      // Resolved on the target before we could record it (a crash in between): done.
+      this.tryUpdate({ resolve: undefined, splitBrain: undefined });
+    }
     if (!knowsUs) {
       // The target has no history with this generation (new, re-added, or reset): everything.
       if (this.record.fullCopyDone) this.tryUpdate({ fullCopyDone: false });
@@ -760,6 +800,103 @@ export class Mirror implements VolumeReplica {
       this.fire({ type: 'alreadyInSync' });
       this.backoff.reset();
     }
+  }
+
+  /**
+   * READY with a diverged target (split brain). Without the admin's choice, or while the target
+   * is still promoted: ERROR, nothing sent. With it: merge the target's bitmap into ours (made
+   * durable before anything else), send (discard peer, by the normal resync after this) or
+   * restore (discard this) the union, then let the target forget its divergence. Returns true
+   * when resolved and the decision may go on.
+   */
+  private async splitBrain(link: SourceLink): Promise<boolean> {
+    const { reply } = link;
+    const splitBrain = {
+      detectedAt: this.record.splitBrain?.detectedAt ?? new Date().toISOString(),
+      peerDivergedBytes: reply.divergedBytes,
+      peerPromoted: reply.promoted,
+      localDirtyBytes: this.dirty.dirtyBytes(),
+    };
+    this.tryUpdate({ splitBrain });
+    const discard = this.record.resolve;
+    const severe = (reason: string): false => {
+      link.close('split brain');
+      this.link = null;
+      if (this.machine.state === 'READY') this.fire({ type: 'validationFailed', code: 'BM_ERR_SPLIT_BRAIN', reason });
+      return false;
+    };
+    const sides = `${this.record.target} on ${this.record.peer} was written while apart (${reply.divergedBytes} bytes in regions written while promoted${reply.promoted ? ', and it is still promoted' : ''}); this side changed ${splitBrain.localDirtyBytes} bytes the target lacks`;
+    if (discard === undefined) {
+      return severe(`split brain: ${sides}. Nothing is copied until the admin picks a side: blockmirror mirror resolve ${this.record.volume} --peer ${this.record.peer} --discard this|peer`);
+    }
+    if (reply.promoted) {
+      return severe(`split brain: ${sides}. Demote it first (blockmirror volume demote ${this.record.target} on ${this.record.peer}), then run mirror resolve again`);
+    }
+    if ((reply.capabilities & Capability.BITMAP_EXCHANGE) === 0) {
+      return severe(`split brain: ${sides}, and the daemon on ${this.record.peer} cannot send its bitmap; resolve by hand (mirror reset copies everything)`);
+    }
+    this.logger.warn({ discard, peerDivergedBytes: reply.divergedBytes, localDirtyBytes: splitBrain.localDirtyBytes }, `split brain: resolving by discarding ${discard === 'peer' ? 'the target\'s changes' : 'this side\'s changes'}`);
+    const parts = await link.requestBitmap(bitmapPartsMax(reply.sizeBytes));
+    if (parts === null) return this.resolveInterrupted(link);
+    mergePeerBitmap(parts, reply.sizeBytes, this.dirty);
+    // The union is durable before the target may forget its half of it.
+    await this.options.persistBitmap();
+    if (discard === 'this') {
+      const restored = await this.restore(link);
+      if (restored !== 'ok') return this.resolveInterrupted(link);
+    }
+    const result = await link.resolve(this.record.generation);
+    if (result === 'lost') return this.resolveInterrupted(link);
+    if (result === 'failed') return severe(`split brain: ${sides}; the target refused to resolve (${link.lastTargetStatus ?? 'an error'}); is it promoted again?`);
+    this.update({ resolve: undefined, splitBrain: undefined });
+    this.logger.warn({ discard, dirtyBytes: this.dirty.dirtyBytes(), restoredBytes: this.restoredBytes }, 'split brain resolved');
+    return true;
+  }
+
+  /** Restores every dirty region from the target (discard this), with client writes held. */
+  private async restore(link: SourceLink): Promise<'ok' | 'lost'> {
+    let open!: () => void;
+    const promise = new Promise<void>((resolve) => (open = resolve));
+    this.restoreGate = { promise, open };
+    try {
+      const outcome = await restoreFromPeer({
+        link,
+        dirty: this.dirty,
+        write: async (offsetBytes, data) => {
+          // Aligned memory of its own (no copy on the way to the device, and no other write
+          // can share it).
+          const buffer = this.pool.acquire(data.length);
+          data.copy(buffer);
+          this.restoring.add(buffer.buffer);
+          try {
+            await this.volume.restoreWrite(offsetBytes, buffer);
+          } finally {
+            this.restoring.delete(buffer.buffer);
+            this.pool.release(buffer);
+          }
+        },
+        chunkBytesMax: CHUNK_BYTES_MAX,
+        chunksInFlightMax: CHUNKS_IN_FLIGHT_MAX / 2,
+        onRestored: (bytes) => {
+          this.restoredBytes += bytes;
+        },
+        cancelled: () => this.stopping,
+      });
+      // Durable here before the target forgets the divergence that says where to restore.
+      if (outcome === 'ok') await this.volume.flushLocal();
+      return outcome;
+    } finally {
+      this.restoreGate = null;
+      open();
+    }
+  }
+
+  /** The link went while resolving: READY -> RESET, and the next connection starts over. */
+  private resolveInterrupted(link: SourceLink): false {
+    link.close('interrupted while resolving the split brain');
+    this.link = null;
+    if (this.machine.state === 'READY') this.fire({ type: 'connectionLost', reason: 'connection lost while resolving the split brain; it starts over' });
+    return false;
   }
 
   private startPass(): void {
@@ -935,25 +1072,4 @@ export class Mirror implements VolumeReplica {
       this.logger.error({ err: error }, 'persisting the mirror record failed; the change holds until the next restart');
     }
   }
-}
-
-/** Appends the dirty runs of `bitmap` that overlap [startBytes, endBytes) to `out`. */
-function runsBetween(bitmap: DirtyBitmap, startBytes: number, endBytes: number, out: DirtyRun[]): void {
-  let cursor = Math.min(startBytes, bitmap.sizeBytes);
-  while (cursor < endBytes) {
-    const batch = bitmap.runs(cursor, 256);
-    for (const run of batch) {
-      if (run.offsetBytes >= endBytes) return;
-      out.push(run);
-    }
-    if (batch.length < 256) return;
-    const last = batch[batch.length - 1] as DirtyRun;
-    cursor = last.offsetBytes + last.lengthBytes;
-    if (cursor >= bitmap.sizeBytes) return;
-  }
-}
-
-export function newGeneration(): number {
-  // 48 random bits: a safe integer, and collisions between resets of one mirror are negligible.
-  return Math.floor(Math.random() * 2 ** 48) + 1;
 }

@@ -4,7 +4,7 @@
 // what to do (mark the regions dirty, crack to OUTOFSYNC, retry later).
 import net from 'node:net';
 import type { Logger } from 'pino';
-import { authenticate, FrameChannel, PROTOCOL_VERSION, wireMessage, type ErrorCodeName, type Hello, type HelloReply, WriteFlag } from '../wire/index';
+import { authenticate, FrameChannel, PROTOCOL_VERSION, wireMessage, type BitmapExchange, type ErrorCodeName, type Hello, type HelloReply, type WireMessage, WriteFlag } from '../wire/index';
 import type { MirrorErrorCode } from './mirror-state';
 
 export type SendResult = 'ok' | 'lost' | 'failed';
@@ -57,6 +57,20 @@ interface Pending {
   resolve: (result: SendResult) => void;
 }
 
+/** One part of the target's bitmap of regions written while promoted (split brain). */
+export interface BitmapPart {
+  header: BitmapExchange;
+  bits: Buffer;
+}
+
+/** A request answered with data frames carrying its sequence (bitmap parts, resync data). */
+interface DataRequest {
+  sentMs: number;
+  /** Takes one answer; returns true when it was the last. */
+  take: (message: WireMessage, payload: Buffer | undefined) => boolean;
+  lost: () => void;
+}
+
 export class SourceLink {
   readonly reply: HelloReply;
   private readonly channel: FrameChannel;
@@ -64,6 +78,7 @@ export class SourceLink {
   private readonly logger: Logger;
   private readonly ackTimeoutMs: number;
   private readonly pending = new Map<number, Pending>();
+  private readonly requests = new Map<number, DataRequest>();
   private nextSequence = 1;
   private lastAckMs = 0;
   private closeReason: string | null = null;
@@ -156,6 +171,65 @@ export class SourceLink {
     return this.track(sequence, () => this.channel.send(wireMessage('flush', { sequence })));
   }
 
+  /** BitmapRequest: the target's regions written while promoted, as its parts (null: the link
+   *  closed first). At most `partsMax` parts are taken; more close the link. */
+  requestBitmap(partsMax: number): Promise<BitmapPart[] | null> {
+    if (this.closeReason !== null) return Promise.resolve(null);
+    const sequence = this.nextSequence++;
+    return new Promise((resolve) => {
+      const parts: BitmapPart[] = [];
+      this.requests.set(sequence, {
+        sentMs: performance.now(),
+        take: (message, payload) => {
+          if (message.kind !== 'bitmapExchange') throw new Error(`protocol error: ${message.kind} answers a bitmap request`);
+          parts.push({ header: message.body, bits: Buffer.from(payload ?? Buffer.alloc(0)) });
+          if (parts.length > partsMax) throw new Error(`protocol error: the target sent more than ${partsMax} bitmap parts`);
+          if (message.body.last) resolve(parts);
+          return message.body.last;
+        },
+        lost: () => resolve(null),
+      });
+      this.sendOrClose(() => this.channel.send(wireMessage('bitmapRequest', { sequence })));
+    });
+  }
+
+  /** ResyncRequest for one range: the target's bytes there (null: the link closed first). */
+  readRange(offsetBytes: number, lengthBytes: number): Promise<Buffer | null> {
+    if (this.closeReason !== null) return Promise.resolve(null);
+    const sequence = this.nextSequence++;
+    return new Promise((resolve) => {
+      this.requests.set(sequence, {
+        sentMs: performance.now(),
+        take: (message, payload) => {
+          const body = message.kind === 'resyncData' ? message.body : undefined;
+          if (body === undefined || body.offsetBytes !== offsetBytes || body.lengthBytes !== lengthBytes || payload?.length !== lengthBytes) {
+            throw new Error(`protocol error: the answer to a resync request for ${lengthBytes} bytes at ${offsetBytes} does not match it`);
+          }
+          resolve(payload);
+          return true;
+        },
+        lost: () => resolve(null),
+      });
+      this.sendOrClose(() => this.channel.send(wireMessage('resyncRequest', { sequence, ranges: [{ offsetBytes, lengthBytes }] })));
+    });
+  }
+
+  /** Resolve: the target forgets its divergence and holds `generation` again ('ok' once that
+   *  is durable there). */
+  resolve(generation: number): Promise<SendResult> {
+    if (this.closeReason !== null) return Promise.resolve('lost');
+    const sequence = this.nextSequence++;
+    return this.track(sequence, () => this.channel.send(wireMessage('resolve', { sequence, generation })));
+  }
+
+  private sendOrClose(send: () => void): void {
+    try {
+      send();
+    } catch (error) {
+      this.close(`send failed: ${(error as Error).message}`);
+    }
+  }
+
   /** Resolves when the socket's send buffer has room again (or the link closed). */
   whenWritable(): Promise<void> {
     if (this.closeReason !== null || !this.socket.writableNeedDrain) return Promise.resolve();
@@ -184,6 +258,9 @@ export class SourceLink {
     const pending = [...this.pending.values()];
     this.pending.clear();
     for (const entry of pending) entry.resolve('lost');
+    const requests = [...this.requests.values()];
+    this.requests.clear();
+    for (const request of requests) request.lost();
     for (const listener of this.closeListeners.splice(0)) listener(reason);
   }
 
@@ -217,9 +294,17 @@ export class SourceLink {
   private async receiveLoop(): Promise<void> {
     try {
       for (;;) {
-        const { message } = await this.channel.receive();
+        const { message, payload } = await this.channel.receive();
         if (message.kind === 'writeAck' || message.kind === 'flushAck') {
           this.settle(message.body.sequence, message.body.status);
+        } else if (message.kind === 'bitmapExchange' || message.kind === 'resyncData') {
+          const request = this.requests.get(message.body.sequence);
+          if (request === undefined) {
+            this.close(`protocol error: ${message.kind} for unknown sequence ${message.body.sequence}`);
+          } else {
+            this.lastAckMs = performance.now();
+            if (request.take(message, payload)) this.requests.delete(message.body.sequence);
+          }
         } else if (message.kind === 'error') {
           this.close(`target reported ${message.body.code}: ${message.body.message}`);
         } else {
@@ -233,14 +318,16 @@ export class SourceLink {
   }
 
   private checkAckTimeout(): void {
-    const oldest = this.pending.values().next();
-    if (oldest.done === true) return;
+    const oldestAck = this.pending.values().next();
+    const oldestRequest = this.requests.values().next();
+    const sentMs = Math.min(oldestAck.done === true ? Infinity : oldestAck.value.sentMs, oldestRequest.done === true ? Infinity : oldestRequest.value.sentMs);
+    if (sentMs === Infinity) return;
     // Measured from the later of the oldest send and the last acknowledgement: a backlog that
     // is being worked through is slow, not stuck. But one write the target never finishes
     // must not hide behind others' acknowledgements: its own age is capped at twice the limit.
     const nowMs = performance.now();
-    const waitedMs = nowMs - Math.max(oldest.value.sentMs, this.lastAckMs);
-    if (waitedMs > this.ackTimeoutMs || nowMs - oldest.value.sentMs > 2 * this.ackTimeoutMs) {
+    const waitedMs = nowMs - Math.max(sentMs, this.lastAckMs);
+    if (waitedMs > this.ackTimeoutMs || nowMs - sentMs > 2 * this.ackTimeoutMs) {
       this.logger.warn({ waitedMs: Math.round(waitedMs), pending: this.pending.size }, 'target did not acknowledge in time; closing the link');
       this.close(`no acknowledgement from the target in ${this.ackTimeoutMs} ms`);
     }

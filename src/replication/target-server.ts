@@ -6,7 +6,9 @@
 import net from 'node:net';
 import type { Logger } from 'pino';
 import { BufferPool } from '../native/index';
+import { DirtyBitmap } from '../native/index';
 import type { ReplicaTarget } from '../volume/replica';
+import type { VolumeDivergence } from '../daemon/volume-manager';
 import {
   authenticate,
   FrameChannel,
@@ -16,6 +18,7 @@ import {
   Capability,
   type ErrorCodeName,
   type Hello,
+  type ResyncRequest,
   type StatusName,
   type Write,
 } from '../wire/index';
@@ -30,7 +33,12 @@ const SESSION_OPS_MAX = 256;
 const SESSION_BYTES_MAX = 64 * 1024 * 1024;
 const HELLO_TIMEOUT_MS = 10_000;
 /** What this target offers; the reply carries the intersection with what the source asks. */
-const TARGET_CAPABILITIES = Capability.ORDERED_WRITES;
+const TARGET_CAPABILITIES = Capability.ORDERED_WRITES | Capability.BITMAP_EXCHANGE;
+/** A ResyncRequest: at most this many ranges and bytes (answered one range at a time). */
+const RESYNC_RANGES_MAX = 64;
+const RESYNC_REQUEST_BYTES_MAX = 8 * 1024 * 1024;
+/** Regions per BitmapExchange part: 1 MiB of bits (32 TiB of 64 KiB regions). */
+const BITMAP_PART_REGIONS = 8 * 1024 * 1024;
 
 export interface TargetLookup {
   record: { name: string; role: string; mirrorSource?: MirrorSourceBinding };
@@ -43,6 +51,10 @@ export interface ReplicationServerOptions {
   secretForPeer: (peerName: string) => Buffer | undefined;
   lookupVolume: (name: string) => TargetLookup | undefined;
   bindSource: (volumeName: string, binding: MirrorSourceBinding) => Promise<void>;
+  /** The mirror volume's divergence (written while promoted: split brain), if any. */
+  divergence: (volumeName: string) => VolumeDivergence | undefined;
+  /** The source resolved the split brain: forget the divergence and hold `binding` again. */
+  resolveDivergence: (volumeName: string, binding: MirrorSourceBinding) => Promise<void>;
   logger: Logger;
   /** Fault layer for tests, 0 in production: each replicated write waits a random 0..N ms
    *  before it is issued, so writes that may run concurrently really finish out of order. */
@@ -95,6 +107,15 @@ export class ReplicationServer {
     return this.sessions.get(volumeName)?.peerName;
   }
 
+  /** Ends the session writing `volumeName` (volume promote --force); resolves once the writes
+   *  it started have landed. */
+  async endSession(volumeName: string, reason: string): Promise<void> {
+    const session = this.sessions.get(volumeName);
+    if (session === undefined) return;
+    await session.close(reason);
+    if (this.sessions.get(volumeName) === session) this.sessions.delete(volumeName);
+  }
+
   /** Stops accepting and closes every connection; writes being applied finish first. */
   async close(): Promise<void> {
     this.closing = true;
@@ -140,16 +161,17 @@ export class ReplicationServer {
     let target: TargetLookup['volume'];
     let knownGenerations: number[];
     let bindOnFlush: (() => Promise<void>) | undefined;
+    let split: SplitBrain | null;
     try {
       const frame = await channel.receive(AbortSignal.timeout(HELLO_TIMEOUT_MS));
       if (frame.message.kind !== 'hello') throw new Refusal('ERROR_CODE_PROTOCOL', `expected hello, got ${frame.message.kind}`);
       hello = frame.message.body;
-      ({ volume: target, knownGenerations, bindOnFlush } = await this.admit(hello, peerName));
+      ({ volume: target, knownGenerations, bindOnFlush, split } = await this.admit(hello, peerName));
     } catch (error) {
       const code: ErrorCodeName = error instanceof Refusal ? error.code : 'ERROR_CODE_PROTOCOL';
       log.warn({ code, reason: (error as Error).message }, 'replication hello refused');
       if (!socket.destroyed) {
-        channel.send(wireMessage('helloReply', { accepted: false, error: { code, message: (error as Error).message }, protocolVersion: PROTOCOL_VERSION, nodeName: this.options.nodeName, sizeBytes: 0, logicalSectorBytes: 0, generationIds: [], capabilities: 0 }));
+        channel.send(wireMessage('helloReply', { accepted: false, error: { code, message: (error as Error).message }, protocolVersion: PROTOCOL_VERSION, nodeName: this.options.nodeName, sizeBytes: 0, logicalSectorBytes: 0, generationIds: [], capabilities: 0, diverged: false, divergedBytes: 0, promoted: false }));
         socket.end();
         socket.destroySoon();
       }
@@ -165,7 +187,7 @@ export class ReplicationServer {
         pooled.delete(buffer);
         this.pool.release(buffer);
       }
-    }, this.options.faultApplyDelayMaxMs ?? 0, bindOnFlush);
+    }, this.options.faultApplyDelayMaxMs ?? 0, bindOnFlush, split);
     this.sessions.set(hello.targetVolumeName, session);
     channel.send(
       wireMessage('helloReply', {
@@ -176,8 +198,14 @@ export class ReplicationServer {
         logicalSectorBytes: info.logicalSectorBytes,
         generationIds: knownGenerations,
         capabilities: hello.capabilities & TARGET_CAPABILITIES,
+        diverged: split !== null,
+        divergedBytes: split?.divergence.bits.dirtyBytes() ?? 0,
+        promoted: split?.divergence.promoted ?? false,
       }),
     );
+    if (split !== null) {
+      log.warn({ volume: hello.targetVolumeName, source: hello.volumeName, divergedBytes: split.divergence.bits.dirtyBytes(), promoted: split.divergence.promoted }, 'replication session started on a diverged volume (split brain): no writes until the source resolves it');
+    }
     log.info({ volume: hello.targetVolumeName, source: hello.volumeName, sourceUuid: hello.volumeUuid, resumed: knownGenerations.length > 0 }, 'replication session started');
     const reason = await session.run();
     if (this.sessions.get(hello.targetVolumeName) === session) this.sessions.delete(hello.targetVolumeName);
@@ -185,7 +213,7 @@ export class ReplicationServer {
   }
 
   /** MAKEPARTS on the target side: the checks of docs/PROTOCOL.md, then the binding. */
-  private async admit(hello: Hello, peerName: string): Promise<{ volume: TargetLookup['volume']; knownGenerations: number[]; bindOnFlush: (() => Promise<void>) | undefined }> {
+  private async admit(hello: Hello, peerName: string): Promise<{ volume: TargetLookup['volume']; knownGenerations: number[]; bindOnFlush: (() => Promise<void>) | undefined; split: SplitBrain | null }> {
     if (hello.protocolVersion !== PROTOCOL_VERSION) {
       throw new Refusal('ERROR_CODE_UNSUPPORTED_VERSION', `protocol version ${hello.protocolVersion} is not supported (this daemon speaks ${PROTOCOL_VERSION})`);
     }
@@ -220,8 +248,15 @@ export class ReplicationServer {
     // sends after it has made "everything dirty" durable on its side: a source that crashes
     // before that must not find its generation known, or it would trust an old, clean bitmap.
     const binding = { peer: peerName, volumeUuid: hello.volumeUuid, volumeName: hello.volumeName, generation, boundAt: new Date().toISOString() };
+    const divergence = this.options.divergence(record.name);
+    if (divergence !== undefined) {
+      // Written while promoted: the source learns it from the reply (our own generation first)
+      // and nothing is written until it resolves the split brain.
+      const split: SplitBrain = { divergence, resolve: (resolved) => this.options.resolveDivergence(record.name, { ...binding, generation: resolved, boundAt: new Date().toISOString() }) };
+      return { volume, knownGenerations: [divergence.generation, ...(bound === undefined ? [] : [bound.generation])], bindOnFlush: undefined, split };
+    }
     const bindOnFlush = knows ? undefined : () => this.options.bindSource(record.name, binding);
-    return { volume, knownGenerations: knows ? [generation] : [], bindOnFlush };
+    return { volume, knownGenerations: knows ? [generation] : [], bindOnFlush, split: null };
   }
 }
 
@@ -231,6 +266,12 @@ const STATUS_FOR_ERRNO: Record<string, StatusName> = {
   EPERM: 'STATUS_READ_ONLY',
   EROFS: 'STATUS_READ_ONLY',
 };
+
+/** A session on a diverged volume: no writes until the source sends Resolve. */
+interface SplitBrain {
+  divergence: VolumeDivergence;
+  resolve: (generation: number) => Promise<void>;
+}
 
 /** One authenticated source writing one mirror volume. */
 class TargetSession {
@@ -253,6 +294,8 @@ class TargetSession {
     private readonly faultDelayMaxMs: number,
     /** Set for a generation the target does not know yet: recorded at the first durable flush. */
     private bindOnFlush: (() => Promise<void>) | undefined,
+    /** Set while the volume is diverged (split brain). */
+    private split: SplitBrain | null = null,
   ) {}
 
   run(): Promise<string> {
@@ -280,10 +323,19 @@ class TargetSession {
         }
         const { message, payload } = await this.channel.receive();
         if (message.kind !== 'error' && 'sequence' in message.body) this.checkSequence(message.body.sequence);
-        if (message.kind === 'write') {
+        if (this.split !== null && (message.kind === 'write' || message.kind === 'flush' || message.kind === 'barrier')) {
+          if (payload !== undefined) this.releasePayload(payload);
+          this.protocolEnd(`volume diverged from its source (split brain): ${message.kind} refused until the source resolves it`, true, 'ERROR_CODE_SPLIT_BRAIN');
+        } else if (message.kind === 'write') {
           this.applyWrite(message.body, payload);
         } else if (message.kind === 'flush' || message.kind === 'barrier') {
           this.applyFlush(message.body.sequence, message.kind === 'flush');
+        } else if (message.kind === 'bitmapRequest') {
+          this.background(this.sendBitmap(message.body.sequence));
+        } else if (message.kind === 'resyncRequest') {
+          this.serveResync(message.body);
+        } else if (message.kind === 'resolve') {
+          this.background(this.resolve(message.body.sequence, message.body.generation));
         } else if (message.kind === 'error') {
           this.protocolEnd(`source reported ${message.body.code}: ${message.body.message}`, false);
         } else {
@@ -381,6 +433,105 @@ class TargetSession {
           this.answer('flushAck', sequence, statusFor(error));
         },
       );
+  }
+
+  /** A request answered asynchronously; a failure ends the session with the reason. */
+  private background(work: Promise<void>): void {
+    work.catch((error: unknown) => {
+      if (this.ended === null) this.protocolEnd((error as Error).message, true, (error as { wireCode?: ErrorCodeName }).wireCode ?? 'ERROR_CODE_INTERNAL');
+    });
+  }
+
+  /** BitmapRequest: the regions written while promoted, in parts (none when not diverged). */
+  private async sendBitmap(sequence: number): Promise<void> {
+    const bits = this.split?.divergence.bits ?? new DirtyBitmap(this.volume.info().sizeBytes, 64 * 1024);
+    for (let first = 0; ; first += BITMAP_PART_REGIONS) {
+      const count = Math.min(BITMAP_PART_REGIONS, bits.regionCount - first);
+      const payload = Buffer.alloc(Math.ceil(count / 8));
+      const startBytes = first * bits.regionBytes;
+      const endBytes = Math.min(bits.sizeBytes, (first + count) * bits.regionBytes);
+      let cursor = startBytes;
+      while (cursor < endBytes) {
+        const batch = bits.runs(cursor, 256);
+        for (const run of batch) {
+          const from = Math.max(run.offsetBytes, startBytes);
+          const to = Math.min(run.offsetBytes + run.lengthBytes, endBytes);
+          for (let region = Math.floor(from / bits.regionBytes); region * bits.regionBytes < to; region++) {
+            const bit = region - first;
+            payload[bit >> 3] = (payload[bit >> 3] as number) | (1 << (bit & 7));
+          }
+        }
+        const last = batch[batch.length - 1];
+        cursor = batch.length < 256 || last === undefined ? endBytes : last.offsetBytes + last.lengthBytes;
+      }
+      const lastPart = first + count >= bits.regionCount;
+      if (this.channel.stream.destroyed) return;
+      this.channel.send(wireMessage('bitmapExchange', { sequence, regionBytes: bits.regionBytes, firstRegion: first, regionCount: count, last: lastPart }), payload);
+      if (lastPart) return;
+      await new Promise<void>((resolve) => (this.channel.stream.writableNeedDrain ? this.channel.stream.once('drain', resolve) : resolve()));
+    }
+  }
+
+  /** ResyncRequest: each range read (after earlier overlapping writes) and sent as ResyncData
+   *  carrying the request's sequence, in the order asked. */
+  private serveResync(request: ResyncRequest): void {
+    const sizeBytes = this.volume.info().sizeBytes;
+    const total = request.ranges.reduce((sum, range) => sum + range.lengthBytes, 0);
+    const invalid =
+      request.ranges.length === 0 || request.ranges.length > RESYNC_RANGES_MAX
+        ? `a resync request must name 1 to ${RESYNC_RANGES_MAX} ranges`
+        : total > RESYNC_REQUEST_BYTES_MAX
+          ? `a resync request may ask for at most ${RESYNC_REQUEST_BYTES_MAX} bytes`
+          : request.ranges.find((range) => range.lengthBytes <= 0 || range.offsetBytes + range.lengthBytes > sizeBytes) === undefined
+            ? null
+            : `a resync range is empty or past the end of the ${sizeBytes}-byte volume`;
+    if (invalid !== null) throw new SessionProtocolError(invalid);
+    this.inFlightBytes += total;
+    const reads = request.ranges.map((range) => this.order.run(range.offsetBytes, range.lengthBytes, () => this.volume.read(range.offsetBytes, range.lengthBytes)));
+    this.background(
+      (async () => {
+        let consumed = 0;
+        try {
+          for (const [index, range] of request.ranges.entries()) {
+            consumed = index + 1;
+            const read = await (reads[index] as Promise<Awaited<ReturnType<ReplicaTarget['read']>>>).catch((error: unknown) => {
+              throw Object.assign(new Error(`reading ${range.lengthBytes} bytes at ${range.offsetBytes} for the source failed: ${(error as Error).message}`), { wireCode: 'ERROR_CODE_IO' });
+            });
+            // A copy: the pooled read buffer goes back at once, the socket keeps its own.
+            const payload = Buffer.from(read.data);
+            read.release();
+            if (this.channel.stream.destroyed) return;
+            this.channel.send(wireMessage('resyncData', { sequence: request.sequence, offsetBytes: range.offsetBytes, lengthBytes: range.lengthBytes }), payload);
+          }
+        } finally {
+          // Reads not sent (the session ended, or an earlier one failed) give their buffers back.
+          for (const read of reads.slice(consumed)) void read.then((result) => result.release(), () => undefined);
+          this.inFlightBytes -= total;
+          for (const wake of this.settledOne.splice(0)) wake();
+        }
+      })(),
+    );
+  }
+
+  /** Resolve: the source made the union of both sides' changes durable on its side; forget the
+   *  divergence and hold its generation. Answered with FlushAck. */
+  private async resolve(sequence: number, generation: number): Promise<void> {
+    await this.order.drain();
+    const split = this.split;
+    if (split === null) {
+      this.logger.warn({ generation }, 'resolve received, but the volume has not diverged');
+      this.answer('flushAck', sequence, 'STATUS_INVALID');
+      return;
+    }
+    try {
+      await split.resolve(generation);
+    } catch (error) {
+      this.logger.error({ err: error }, 'resolving the split brain failed');
+      this.answer('flushAck', sequence, (error as { code?: string }).code === 'BM_ERR_VOLUME_ROLE' ? 'STATUS_READ_ONLY' : 'STATUS_IO_ERROR');
+      return;
+    }
+    this.split = null;
+    this.answer('flushAck', sequence, 'STATUS_OK');
   }
 
   private answer(kind: 'writeAck' | 'flushAck', sequence: number, status: StatusName): void {

@@ -6,7 +6,7 @@
 // overlapping write may start. Whatever the replica sends synchronously in that call is
 // therefore ordered, against every overlapping write and every readForCopy, the same way as on
 // the local device.
-import type { BlockBackendInfo } from './backend';
+import type { BlockBackendInfo, ReadResult } from './backend';
 
 export interface VolumeReplica {
   /** Resolves when a new client write may start. A strict (on-disconnect block) mirror holds
@@ -41,11 +41,17 @@ export interface ReplicaSource {
   /** Every replicated change takes its extents from `intent` first (undefined: none). */
   setWriteIntent(intent: WriteIntent | undefined): void;
   readForCopy(offsetBytes: number, buffer: Buffer, onRead: () => void): Promise<void>;
+  /** Writes bytes restored from a target (split brain resolved with --discard this). */
+  restoreWrite(offsetBytes: number, data: Buffer): Promise<void>;
+  /** Makes every completed write durable on the local device (not the mirrors). */
+  flushLocal(): Promise<void>;
 }
 
 /** What the mirror service needs of a target (mirror) volume. */
 export interface ReplicaTarget {
   info(): BlockBackendInfo;
+  /** Reads for a source restoring from this volume (ResyncRequest). */
+  read(offsetBytes: number, lengthBytes: number): Promise<ReadResult>;
   mirrorWrite(offsetBytes: number, data: Buffer, fua: boolean): Promise<void>;
   mirrorWriteZeroes(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void>;
   flush(): Promise<void>;

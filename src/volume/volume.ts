@@ -85,8 +85,10 @@ export class Volume implements BlockBackend {
   private failedError: VolumeError | undefined;
   /** Whether the device zeroes a range without writing the zeroes (NBD FAST_ZERO). */
   private readonly zeroIsFast: { mayDeallocate: boolean; noHole: boolean };
-  /** NBD clients may not write: a read-only volume, or a mirror target. */
-  private readonly clientReadOnly: boolean;
+  /** NBD clients may not write: a read-only volume, or a mirror target not promoted. */
+  private clientReadOnly: boolean;
+  /** A mirror volume made writable by hand (setPromoted): the mirror service may not write it. */
+  private promoted = false;
   /** Mirrors of this volume: every client write, zeroing and flush is also handed to them. */
   private replicas: readonly VolumeReplica[] = [];
   /** The mirrors' write-intent log: replicated changes record their extents in it first. */
@@ -192,8 +194,7 @@ export class Volume implements BlockBackend {
    *  and failure handling as a client write. */
   mirrorWrite(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
     try {
-      if (this.spec.role !== 'mirror') throw new VolumeError('EPERM', `volume ${this.spec.name} is not a mirror volume`);
-      this.checkDeviceWritable();
+      this.checkMirrorService();
       this.checkPeerRange(offsetBytes, data.length);
     } catch (error) {
       return Promise.reject(error);
@@ -213,6 +214,37 @@ export class Volume implements BlockBackend {
 
   setWriteIntent(intent: WriteIntent | undefined): void {
     this.writeIntent = intent;
+  }
+
+  /** A mirror restoring this volume from its target (a split brain resolved with --discard
+   *  this): written like a client write (every mirror is handed it, the write-intent log records
+   *  it first), except that it does not wait in admit(), where the restoring mirror holds the
+   *  clients' writes until the restore is done. */
+  restoreWrite(offsetBytes: number, data: Buffer): Promise<void> {
+    try {
+      if (this.spec.role === 'mirror') throw new VolumeError('EPERM', `volume ${this.spec.name} is a mirror volume, not a source`);
+      this.checkDeviceWritable();
+      this.checkPeerRange(offsetBytes, data.length);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    return this.writeReplicated(offsetBytes, data, false, false);
+  }
+
+  /** Promotes a mirror volume (writable to NBD clients, closed to the mirror service) or demotes
+   *  it back. Clients connected before keep the read-only flag they negotiated; the caller
+   *  disconnects writable ones before a demote. Record the divergence (setWriteIntent) first. */
+  setPromoted(promoted: boolean): void {
+    assert(this.spec.role === 'mirror' && !this.spec.readOnly, 'only mirror volumes are promoted');
+    this.promoted = promoted;
+    this.clientReadOnly = !promoted;
+    this.backendInfo.readOnly = !promoted;
+  }
+
+  /** Whether client changes go through the replicated path: mirrors attached, or a write-intent
+   *  record (a promoted volume's divergence) to take first. */
+  private get tracked(): boolean {
+    return this.replicas.length > 0 || this.writeIntent !== undefined;
   }
 
   /**
@@ -238,7 +270,7 @@ export class Volume implements BlockBackend {
   }
 
   private writeChecked(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
-    if (this.replicas.length > 0) return this.writeReplicated(offsetBytes, data, fua);
+    if (this.tracked) return this.writeReplicated(offsetBytes, data, fua);
     this.begin();
     this.counters.writeOps++;
     this.counters.writeBytes += data.length;
@@ -254,16 +286,16 @@ export class Volume implements BlockBackend {
    * window: overlapping writes reach the local device and every mirror in the same order, and
    * a mirror's copy read (readForCopy) falls wholly before or after each write.
    */
-  private async writeReplicated(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
+  private async writeReplicated(offsetBytes: number, data: Buffer, fua: boolean, admit = true): Promise<void> {
     // A very long write (the NBD payload limit allows up to 1 GiB) goes in pieces, like zeroing.
     for (let done = 0; done < data.length; ) {
       const end = data.length - done <= REPLICATED_CHANGE_BYTES_MAX ? data.length : this.alignDown(offsetBytes + done + REPLICATED_CHANGE_BYTES_MAX) - offsetBytes;
-      await this.writeReplicatedPiece(offsetBytes + done, data.subarray(done, end), fua);
+      await this.writeReplicatedPiece(offsetBytes + done, data.subarray(done, end), fua, admit);
       done = end;
     }
   }
 
-  private writeReplicatedPiece(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
+  private writeReplicatedPiece(offsetBytes: number, data: Buffer, fua: boolean, admit: boolean): Promise<void> {
     const aligned = this.isAligned(offsetBytes, data.length);
     return this.changeReplicated(
       offsetBytes,
@@ -275,6 +307,7 @@ export class Volume implements BlockBackend {
         return this.readModifyWriteUnlocked(offsetBytes, data.length, fua, (span, headBytes) => data.copy(span, headBytes));
       },
       (replica, local) => replica.replicateWrite(offsetBytes, data, fua, local),
+      admit,
     );
   }
 
@@ -303,8 +336,9 @@ export class Volume implements BlockBackend {
     lengthBytes: number,
     change: () => Promise<void>,
     hand: (replica: VolumeReplica, local: Promise<void>) => Promise<void>,
+    admit = true,
   ): Promise<void> {
-    await this.admitReplicas();
+    if (admit) await this.admitReplicas();
     this.checkDeviceWritable();
     const intent = this.writeIntent;
     if (intent !== undefined) {
@@ -384,6 +418,18 @@ export class Volume implements BlockBackend {
     this.counters.flushOps++;
   }
 
+  /** The local device only (a restore from a mirror's target is durable before the target
+   *  forgets its divergence); the mirrors get the client's next flush as usual. */
+  async flushLocal(): Promise<void> {
+    this.checkNotFailed();
+    this.begin();
+    try {
+      await this.file.flush().catch(this.failOnDeviceError);
+    } finally {
+      this.end();
+    }
+  }
+
   /** Advisory: only whole sectors inside the range are discarded; the edges keep their data. */
   async trim(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void> {
     this.checkWritable();
@@ -391,7 +437,7 @@ export class Volume implements BlockBackend {
     // A discarded range may read back as anything, so a mirror could not be kept equal by
     // forwarding the discard. Mirrored volumes zero the whole sectors instead (deallocating
     // where the device can): the same bytes on both sides, and still no data written.
-    if (this.replicas.length > 0) {
+    if (this.tracked) {
       const startBytes = this.alignUp(offsetBytes);
       const endBytes = this.alignDown(offsetBytes + lengthBytes);
       if (startBytes >= endBytes) return;
@@ -421,7 +467,7 @@ export class Volume implements BlockBackend {
     this.checkWritable();
     this.checkRange(offsetBytes, lengthBytes);
     this.checkFastZero(options);
-    if (this.replicas.length > 0) return this.writeZeroesReplicated(offsetBytes, lengthBytes, options);
+    if (this.tracked) return this.writeZeroesReplicated(offsetBytes, lengthBytes, options);
     // Whole sectors only: shared, like writes. Unaligned edges are read-modify-write: exclusive.
     return this.zeroLocked(offsetBytes, lengthBytes, options, !this.isAligned(offsetBytes, lengthBytes));
   }
@@ -429,8 +475,7 @@ export class Volume implements BlockBackend {
   /** The mirror service's zeroing of a mirror volume (a write-zeroes frame from the source),
    *  exclusive like the source's replicated zeroing. */
   async mirrorWriteZeroes(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void> {
-    if (this.spec.role !== 'mirror') throw new VolumeError('EPERM', `volume ${this.spec.name} is not a mirror volume`);
-    this.checkDeviceWritable();
+    this.checkMirrorService();
     this.checkPeerRange(offsetBytes, lengthBytes);
     return this.zeroLocked(offsetBytes, lengthBytes, { fua, noHole: false, fastZero: false }, true);
   }
@@ -630,10 +675,17 @@ export class Volume implements BlockBackend {
   private checkWritable(): void {
     this.checkNotFailed();
     if (this.clientReadOnly) {
-      const why = this.spec.readOnly ? 'read-only' : 'a mirror volume (read-only to clients)';
+      const why = this.spec.readOnly ? 'read-only' : 'a mirror volume (read-only to clients until promoted)';
       throw new VolumeError('EPERM', `volume ${this.spec.name} is ${why}`);
     }
     if (this.closing !== undefined) throw new VolumeError('ESHUTDOWN', `volume ${this.spec.name} is closing`);
+  }
+
+  /** The mirror service writes only mirror volumes that are not promoted. */
+  private checkMirrorService(): void {
+    if (this.spec.role !== 'mirror') throw new VolumeError('EPERM', `volume ${this.spec.name} is not a mirror volume`);
+    if (this.promoted) throw new VolumeError('EPERM', `volume ${this.spec.name} is promoted: the mirror service may not write it`);
+    this.checkDeviceWritable();
   }
 
   /** For the mirror service's writes: the device itself must be writable. */

@@ -25,7 +25,8 @@ export type ErrorCodeName =
   | 'ERROR_CODE_NOT_A_MIRROR'
   | 'ERROR_CODE_IO'
   | 'ERROR_CODE_SHUTTING_DOWN'
-  | 'ERROR_CODE_INTERNAL';
+  | 'ERROR_CODE_INTERNAL'
+  | 'ERROR_CODE_SPLIT_BRAIN';
 
 /** Values of enum Capability (bits of Hello.capabilities). */
 export const Capability = {
@@ -79,6 +80,12 @@ export interface HelloReply {
   logicalSectorBytes: number;
   generationIds: number[];
   capabilities: number;
+  /** The target volume was promoted since it last held this source's data (split brain). */
+  diverged: boolean;
+  /** Bytes of the regions written while promoted. */
+  divergedBytes: number;
+  /** Still writable to the target's own clients. */
+  promoted: boolean;
 }
 export interface Write {
   sequence: number;
@@ -125,6 +132,14 @@ export interface BitmapExchange {
   regionCount: number;
   last: boolean;
 }
+export interface BitmapRequest {
+  sequence: number;
+}
+export interface Resolve {
+  sequence: number;
+  /** The source generation the target holds again once resolved. */
+  generation: number;
+}
 export interface SnapshotRequest {
   sequence: number;
   snapshotName: string;
@@ -164,6 +179,8 @@ export interface MessageBodies {
   snapshotReply: SnapshotReply;
   verify: Verify;
   verifyReply: VerifyReply;
+  bitmapRequest: BitmapRequest;
+  resolve: Resolve;
 }
 
 export type MessageKind = keyof MessageBodies;

@@ -189,3 +189,20 @@ function* bitRuns(bits: Buffer, count: number): Iterable<{ first: number; count:
   }
   if (runStart !== -1) yield { first: runStart, count: count - runStart };
 }
+
+/** Appends the dirty runs of `bitmap` that overlap [startBytes, endBytes) to `out`. */
+export function dirtyRunsBetween(bitmap: DirtyBitmap, startBytes: number, endBytes: number, out: DirtyRun[] = []): DirtyRun[] {
+  let cursor = Math.min(startBytes, bitmap.sizeBytes);
+  while (cursor < endBytes) {
+    const batch = bitmap.runs(cursor, 256);
+    for (const run of batch) {
+      if (run.offsetBytes >= endBytes) return out;
+      out.push(run);
+    }
+    if (batch.length < 256) return out;
+    const last = batch[batch.length - 1] as DirtyRun;
+    cursor = last.offsetBytes + last.lengthBytes;
+    if (cursor >= bitmap.sizeBytes) return out;
+  }
+  return out;
+}

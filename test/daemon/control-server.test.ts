@@ -28,6 +28,8 @@ function fakeVolume(name: string): VolumeInfo {
     physicalSectorBytes: 4096,
     nbdUri: `nbd+unix:///${name}?socket=/x`,
     connections: 0,
+    promoted: false,
+    divergence: null,
   };
 }
 
@@ -55,6 +57,12 @@ async function startServer(t: Test) {
     'volume.set': async (params) => {
       throw new BmError('BM_ERR_VOLUME_NOT_FOUND', `volume ${params.name} does not exist`);
     },
+    'volume.promote': async (params) => {
+      throw new BmError('BM_ERR_VOLUME_ROLE', `volume ${params.name} is a primary volume`);
+    },
+    'volume.demote': async (params) => {
+      throw new BmError('BM_ERR_VOLUME_ROLE', `volume ${params.name} is not promoted`);
+    },
     'peer.add': async (params) => {
       calls.push({ method: 'peer.add', params });
       return { name: params.name, address: params.address, host: '', port: 1, secretFile: params.secretFile, createdAt: '' };
@@ -72,6 +80,7 @@ async function startServer(t: Test) {
     'mirror.suspend': noMirror,
     'mirror.resume': noMirror,
     'mirror.reset': noMirror,
+    'mirror.resolve': noMirror,
     status: async () => {
       calls.push({ method: 'status', params: {} });
       await new Promise((resolve) => setTimeout(resolve, 20));

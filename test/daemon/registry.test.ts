@@ -13,6 +13,7 @@ const record: VolumeRecord = {
   readOnly: false,
   role: 'primary',
   fastResync: true,
+  promoted: false,
   createdAt: '2026-01-01T00:00:00.000Z',
 };
 

@@ -87,6 +87,23 @@ export class FakeSource implements ReplicaSource {
     }
   }
 
+  /** A restore from the target: replicas are handed it like a client write, without admit(). */
+  async restoreWrite(offsetBytes: number, data: Buffer): Promise<void> {
+    const unlock = await this.lock();
+    const local = Promise.resolve().then(() => {
+      data.copy(this.data, offsetBytes);
+    });
+    const replicated = Promise.allSettled(this.replicas.map((replica) => replica.replicateWrite(offsetBytes, data, false, local)));
+    try {
+      await local;
+    } finally {
+      unlock();
+    }
+    await replicated;
+  }
+
+  async flushLocal(): Promise<void> {}
+
   /** A client write whose local write takes `localMs` and, with `localFails`, fails with EIO
    *  (the local bytes then stay as they were). */
   async write(offsetBytes: number, payload: Buffer, options: { localMs?: number; localFails?: boolean } = {}): Promise<void> {
@@ -148,6 +165,10 @@ export class FakeTarget implements ReplicaTarget {
     return undefined;
   }
 
+  async read(offsetBytes: number, lengthBytes: number): Promise<{ data: Buffer; release: () => void }> {
+    return { data: Buffer.from(this.data.subarray(offsetBytes, offsetBytes + lengthBytes)), release: () => undefined };
+  }
+
   async mirrorWrite(offsetBytes: number, data: Buffer): Promise<void> {
     await this.beforeWrite(offsetBytes, data);
     this.remember(offsetBytes, data.length);
@@ -201,6 +222,8 @@ export async function startTarget(
       await options.bindSource?.();
       binding = next;
     },
+    divergence: () => undefined,
+    resolveDivergence: async () => undefined,
     logger: options.logger.child({ side: 'target' }),
   });
   const port = await server.listen('127.0.0.1', 0);

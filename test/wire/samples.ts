@@ -42,6 +42,9 @@ export function allSamples(): Sample[] {
         logicalSectorBytes: 4096,
         generationIds: [9],
         capabilities: Capability.FUA,
+        diverged: true,
+        divergedBytes: 2 ** 40,
+        promoted: true,
       }),
     },
     {
@@ -85,5 +88,7 @@ export function allSamples(): Sample[] {
       }),
     },
     { message: wireMessage('verifyReply', { sequence: 13, mismatched: [{ offsetBytes: 4096, lengthBytes: 4096 }] }) },
+    { message: wireMessage('bitmapRequest', { sequence: 14 }) },
+    { message: wireMessage('resolve', { sequence: 15, generation: BIG }) },
   ];
 }
