@@ -472,8 +472,9 @@ class TargetSession {
     }
   }
 
-  /** ResyncRequest: each range read (after earlier overlapping writes) and sent as ResyncData
-   *  carrying the request's sequence, in the order asked. */
+  /** ResyncRequest: each range read once every write received before the request has landed,
+   *  and sent as ResyncData carrying the request's sequence, in the order asked (one read at a
+   *  time: a restore, not the data path). */
   private serveResync(request: ResyncRequest): void {
     const sizeBytes = this.volume.info().sizeBytes;
     const total = request.ranges.reduce((sum, range) => sum + range.lengthBytes, 0);
@@ -487,14 +488,14 @@ class TargetSession {
             : `a resync range is empty or past the end of the ${sizeBytes}-byte volume`;
     if (invalid !== null) throw new SessionProtocolError(invalid);
     this.inFlightBytes += total;
-    const reads = request.ranges.map((range) => this.order.run(range.offsetBytes, range.lengthBytes, () => this.volume.read(range.offsetBytes, range.lengthBytes)));
+    const earlier = this.order.drain();
     this.background(
       (async () => {
-        let consumed = 0;
         try {
-          for (const [index, range] of request.ranges.entries()) {
-            consumed = index + 1;
-            const read = await (reads[index] as Promise<Awaited<ReturnType<ReplicaTarget['read']>>>).catch((error: unknown) => {
+          await earlier;
+          for (const range of request.ranges) {
+            if (this.channel.stream.destroyed) return;
+            const read = await this.volume.read(range.offsetBytes, range.lengthBytes).catch((error: unknown) => {
               throw Object.assign(new Error(`reading ${range.lengthBytes} bytes at ${range.offsetBytes} for the source failed: ${(error as Error).message}`), { wireCode: 'ERROR_CODE_IO' });
             });
             // A copy: the pooled read buffer goes back at once, the socket keeps its own.
@@ -504,8 +505,6 @@ class TargetSession {
             this.channel.send(wireMessage('resyncData', { sequence: request.sequence, offsetBytes: range.offsetBytes, lengthBytes: range.lengthBytes }), payload);
           }
         } finally {
-          // Reads not sent (the session ended, or an earlier one failed) give their buffers back.
-          for (const read of reads.slice(consumed)) void read.then((result) => result.release(), () => undefined);
           this.inFlightBytes -= total;
           for (const wake of this.settledOne.splice(0)) wake();
         }
@@ -526,7 +525,7 @@ class TargetSession {
     try {
       await split.resolve(generation);
     } catch (error) {
-      this.logger.error({ err: error }, 'resolving the split brain failed');
+      this.logger.warn({ err: error }, 'resolving the split brain refused or failed');
       this.answer('flushAck', sequence, (error as { code?: string }).code === 'BM_ERR_VOLUME_ROLE' ? 'STATUS_READ_ONLY' : 'STATUS_IO_ERROR');
       return;
     }

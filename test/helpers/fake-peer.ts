@@ -93,10 +93,23 @@ export class FakePeer {
     return frame.message.body as MessageBodies[K];
   }
 
+  /** The next frame (with its payload), which must be of `kind`. */
+  async expectFrame(kind: keyof MessageBodies, timeoutMs = 5_000): Promise<Frame> {
+    const frame = await this.receive(timeoutMs);
+    if (frame.message.kind !== kind) {
+      throw new Error(`expected ${kind}, got ${frame.message.kind}: ${JSON.stringify(frame.message.body)}`);
+    }
+    return frame;
+  }
+
+  /** The HelloReply of the last hello(). */
+  reply: HelloReply | undefined;
+
   /** Sends Hello and returns the HelloReply. */
   async hello(hello: Hello, timeoutMs = 5_000): Promise<HelloReply> {
     this.send(wireMessage('hello', hello));
-    return this.expect('helloReply', timeoutMs);
+    this.reply = await this.expect('helloReply', timeoutMs);
+    return this.reply;
   }
 
   /** Reads frames until the target closes the connection. Rejects when it is still open after

@@ -424,6 +424,62 @@ t.test('target listener against a fake source', async (t) => {
     await waitNoSessions(t);
   });
 
+  await t.test('7. a promoted (diverged) volume: reported in the reply, never written, resolved only when demoted', async (t) => {
+    const promoted = await cliJson(daemon, ['volume', 'promote', 'vol0']);
+    t.match(promoted, { promoted: true, divergence: { divergedBytes: 0 } }, 'promoted, nothing written yet');
+    const own: number = promoted.divergence.generation;
+    const peer = await openSession(t);
+    t.equal(peer.reply?.diverged, true, 'the reply says diverged');
+    t.equal(peer.reply?.promoted, true, 'and still promoted');
+    t.same(peer.reply?.generationIds, [own, 1], 'its own generation first, then the source\'s');
+    // A bitmap: one part, every region clean (no client wrote).
+    peer.send(wireMessage('bitmapRequest', { sequence: 1 }));
+    const part = await peer.expectFrame('bitmapExchange');
+    t.match(part.message.body, { sequence: 1, regionBytes: 64 * KiB, firstRegion: 0, regionCount: deviceBytes / (64 * KiB), last: true });
+    t.ok(part.payload?.equals(Buffer.alloc(deviceBytes / (64 * KiB) / 8)), 'no region marked');
+    // Reads for a restore: the bytes on the device.
+    peer.send(wireMessage('resyncRequest', { sequence: 2, ranges: [{ offsetBytes: 3 * MiB, lengthBytes: 64 * KiB }] }));
+    const data = await peer.expectFrame('resyncData');
+    t.match(data.message.body, { sequence: 2, offsetBytes: 3 * MiB, lengthBytes: 64 * KiB });
+    t.ok(data.payload?.equals(expected.subarray(3 * MiB, 3 * MiB + 64 * KiB)), 'resync data is the device\'s bytes');
+    // Resolve while promoted: refused.
+    peer.send(wireMessage('resolve', { sequence: 3, generation: 1 }));
+    t.same(await peer.expect('flushAck'), { sequence: 3, status: 'STATUS_READ_ONLY' }, 'no resolve while promoted');
+    // A write ends the session before it touches the device.
+    peer.send(wireMessage('write', { sequence: 4, offsetBytes: 0, lengthBytes: 4096, flags: 0 }), Buffer.alloc(4096, 0xee));
+    assertOnlyRefusals(t, await peer.untilClosed(), 'ERROR_CODE_SPLIT_BRAIN');
+    assertDeviceIsModel(t, 'a write to a diverged volume');
+
+    await t.test('a resync request past the end or too large is dropped', async (t) => {
+      for (const ranges of [[{ offsetBytes: deviceBytes - 4096, lengthBytes: 8192 }], [{ offsetBytes: 0, lengthBytes: 9 * MiB }]]) {
+        const bad = await openSession(t);
+        bad.send(wireMessage('resyncRequest', { sequence: 1, ranges }));
+        assertOnlyRefusals(t, await bad.untilClosed(), 'ERROR_CODE_PROTOCOL');
+      }
+    });
+
+    const demoted = await cliJson(daemon, ['volume', 'demote', 'vol0']);
+    t.match(demoted, { promoted: false, divergence: { generation: own } }, 'demoted; the divergence stays');
+    const resolver = await openSession(t);
+    t.equal(resolver.reply?.diverged, true);
+    t.equal(resolver.reply?.promoted, false);
+    resolver.send(wireMessage('resolve', { sequence: 1, generation: 1 }));
+    t.same(await resolver.expect('flushAck'), { sequence: 1, status: 'STATUS_OK' }, 'resolved once demoted');
+    // The same session now writes like any other.
+    const original = expected.subarray(0, 4096);
+    resolver.send(wireMessage('write', { sequence: 2, offsetBytes: 0, lengthBytes: 4096, flags: WriteFlag.FUA }), original);
+    t.same(await resolver.expect('writeAck'), { sequence: 2, status: 'STATUS_OK' }, 'writes are applied after the resolve');
+    await resolver.end();
+    t.match(await cliJson(daemon, ['volume', 'info', 'vol0']), { promoted: false, divergence: null }, 'the divergence is gone');
+    const resumed = await openSession(t);
+    t.same(resumed.reply?.generationIds, [1], 'the source\'s generation is known again');
+    t.equal(resumed.reply?.diverged, false);
+    await resumed.end();
+    await assertServing(t);
+    assertDeviceIsModel(t, 'after the split brain was resolved');
+    await waitNoSessions(t);
+  });
+
   t.ok(daemon.running, 'the daemon is still running');
   // Nothing bad reached the device layer (a failed apply would be logged at error level).
   t.same(daemon.logs().filter((entry) => (entry.level as number) >= 50), [], 'no error-level log lines');
