@@ -4,7 +4,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { daemonPaths, runTool, startDaemon, type DaemonPaths, type RunningDaemon } from './daemon';
+import { daemonPaths, runCli, runTool, startDaemon, type CliResult, type DaemonPaths, type RunningDaemon } from './daemon';
 import { scratchDevice, scratchDir, type ScratchDevice } from './loop';
 import { startTcpProxy, type TcpProxy } from './tcp-proxy';
 
@@ -195,4 +195,42 @@ export async function fioVerify(t: TestLike, uri: string, offsetBytes: number, s
     ...extra,
   ], 120_000);
   return { code: result.code, stderr: result.stderr };
+}
+
+/** The `blockmirror` CLI against one daemon's control socket: `cliOn(pair.target)('--json', 'volume', 'info', 'vol0')`. */
+export function cliOn(daemon: RunningDaemon): (...args: string[]) => Promise<CliResult> {
+  return (...args) => runCli(['--socket', daemon.paths.controlSocket, ...args]);
+}
+
+/** `volume info <name> --json` through the control socket (the fields the CLI prints). */
+export async function volumeInfo(daemon: RunningDaemon, name = 'vol0'): Promise<Record<string, any>> {
+  return (await daemon.request('volume.info', { name })) as Record<string, any>;
+}
+
+/** Poll `volume.info` until predicate holds (e.g. no NBD connection left after a client exited). */
+export async function waitForVolume(daemon: RunningDaemon, predicate: (info: Record<string, any>) => boolean, what: string, name = 'vol0', timeoutMs = 5000): Promise<Record<string, any>> {
+  const deadline = Date.now() + timeoutMs;
+  let last: Record<string, any> | undefined;
+  while (Date.now() < deadline) {
+    last = await volumeInfo(daemon, name);
+    if (predicate(last)) return last;
+    await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+  throw new Error(`volume ${name} did not reach ${what} in ${timeoutMs} ms; last info: ${JSON.stringify(last)}`);
+}
+
+/** Take the path between a pair's daemons down (refuse new connections, cut open ones; needs
+ *  `proxy: true`) and wait until the source's mirror has noticed. Flush first if unflushed
+ *  regions must not count as dirty. */
+export async function cutLink(pair: MirrorPair): Promise<MirrorStatus> {
+  if (pair.proxy === undefined) throw new Error('cutLink needs a pair started with proxy: true');
+  pair.proxy.refuse(true);
+  pair.proxy.cut();
+  return pair.waitFor((status) => status.state !== 'INSYNC' && !status.linkUp, 'link down');
+}
+
+/** Let the source reach the target again (undoes cutLink). */
+export function restoreLink(pair: MirrorPair): void {
+  if (pair.proxy === undefined) throw new Error('restoreLink needs a pair started with proxy: true');
+  pair.proxy.refuse(false);
 }
