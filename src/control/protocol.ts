@@ -234,7 +234,7 @@ export interface MirrorInfo {
    *  and whether writes travel ordered with no catch-up copy still landing (the target is crash
    *  consistent), or the mirror fell back to the dirty bitmap after the buffer filled or a crack
    *  (catching up; ordered again once clean). */
-  async: { ordered: boolean; bufferBytes: number; bufferedBytes: number; bufferedWrites: number; overflows: number } | null;
+  async: { ordered: boolean; bufferBytes: number; bufferedBytes: number; bufferedWrites: number; overflows: number; writes: number; epochs: number } | null;
   /** Where this run's dirty bitmap came from (see docs/WRITE-INTENT.md). */
   recovery: MirrorRecovery;
   /** The source volume's write-intent log; null when it is switched off. */

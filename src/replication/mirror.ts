@@ -164,6 +164,10 @@ export class Mirror implements VolumeReplica {
   private readonly asyncInFlight = new Set<DirtyRun>();
   private asyncBytes = 0;
   private asyncOverflows = 0;
+  private asyncEpochs = 0;
+  /** Async mode's current epoch: the link it was sent on, and whether a client write was
+   *  acknowledged since it began (the next ordered write then depends on it: a new epoch). */
+  private asyncEpoch: { link: SourceLink | null; acknowledged: boolean } = { link: null, acknowledged: true };
   /** Split brain resolved with --discard this: client writes wait at admit() while the
    *  target's bytes are restored; the restore's own writes are recognised by their memory (the
    *  volume hands replicas views of it, not the same Buffer object). */
@@ -367,7 +371,7 @@ export class Mirror implements VolumeReplica {
       })),
       async:
         this.record.mode === 'async'
-          ? { ordered: this.isOrdered() && this.copiesInFlight.size === 0, bufferBytes: this.asyncBufferBytes(), bufferedBytes: this.asyncBytes, bufferedWrites: this.asyncInFlight.size, overflows: this.asyncOverflows }
+          ? { ordered: this.isOrdered() && this.copiesInFlight.size === 0, bufferBytes: this.asyncBufferBytes(), bufferedBytes: this.asyncBytes, bufferedWrites: this.asyncInFlight.size, overflows: this.asyncOverflows, writes: this.sent.liveWrites, epochs: this.asyncEpochs }
           : null,
       recovery: { ...this.options.recovery },
       writeIntent: this.options.writeIntentInfo(),
@@ -494,7 +498,15 @@ export class Mirror implements VolumeReplica {
     this.asyncBytes += lengthBytes;
     this.sent.liveWrites++;
     this.sent.liveBytes += lengthBytes;
-    void link.write(offsetBytes, payload, lengthBytes, false, true).then((result) => {
+    // Write-order fidelity: a write the client issued after another was acknowledged may depend
+    // on it, so it starts a new epoch (WRITE_FLAG_ORDERED: the target applies it, and every
+    // write after it, once every earlier write landed). Writes issued with none acknowledged in
+    // between were concurrent on the source too and land in any order within their epoch. A
+    // catch-up copy still in flight also starts one.
+    const startsEpoch = this.asyncEpoch.link !== link || this.asyncEpoch.acknowledged || this.copiesInFlight.size > 0;
+    if (startsEpoch) this.asyncEpoch = { link, acknowledged: false };
+    this.asyncEpochs += startsEpoch ? 1 : 0;
+    void link.write(offsetBytes, payload, lengthBytes, false, startsEpoch).then((result) => {
       if (result === 'ok') this.unflushed.setRange(offsetBytes, lengthBytes);
       else this.markDirty(offsetBytes, lengthBytes);
       this.asyncInFlight.delete(entry);
@@ -503,6 +515,8 @@ export class Mirror implements VolumeReplica {
     });
     // A failed local write leaves bytes on the target the source does not hold.
     await local.catch(() => this.markDirty(offsetBytes, lengthBytes));
+    // The client is answered from here on: later writes may depend on this one.
+    this.asyncEpoch.acknowledged = true;
   }
 
   private takesOrderedWrites(link: SourceLink): boolean {

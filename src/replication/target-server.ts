@@ -281,6 +281,9 @@ class TargetSession {
   private lastSequence = 0;
   private ended: string | null = null;
   private orderBroken = false;
+  /** Set by the last ordered write: every write received from then on waits for what came
+   *  before that write (async mode's epochs). */
+  private epochStart: Promise<void> | undefined;
   private readonly settledOne: Array<() => void> = [];
   private running: Promise<string> | null = null;
 
@@ -380,17 +383,19 @@ class TargetSession {
     }
     const bytes = payload?.length ?? 0;
     this.inFlightBytes += bytes;
-    // An ordered write starts once every earlier operation landed, so the device always holds
-    // a prefix of the source's ordered writes (crash consistent); others only wait for overlaps.
-    const earlier = ordered ? this.order.drain() : undefined;
+    // An ordered write starts an epoch: it and every write after it start once every write
+    // before it landed, so a write never lands before one the source had acknowledged when it
+    // was issued (crash consistent). Within an epoch writes only wait for overlaps.
+    if (ordered) this.epochStart = this.order.drain();
+    const earlier = this.epochStart;
     const issue = (): Promise<void> =>
       zeroes || payload === undefined ? this.volume.mirrorWriteZeroes(offsetBytes, lengthBytes, fua) : this.volume.mirrorWrite(offsetBytes, payload, fua);
     const apply =
       this.faultDelayMaxMs > 0
         ? (): Promise<void> => new Promise((resolve) => setTimeout(resolve, Math.random() * this.faultDelayMaxMs)).then(issue)
         : issue;
-    // After an ordered write failed, later ordered writes are refused too: applying them would
-    // leave a device that is no prefix of the source's writes.
+    // After a write of an epoch failed, later ones are refused too: applying them would leave a
+    // device the source never passed through.
     const applyOrdered = async (): Promise<void> => {
       await earlier;
       if (this.orderBroken) throw Object.assign(new Error('an earlier ordered write failed'), { code: 'EIO' });

@@ -66,7 +66,7 @@ export interface MirrorStatus {
   sent: { liveBytes: number; copyBytes: number; zeroBytes: number; liveWrites: number };
   history: Array<{ from: string; to: string; event: string; reason: string }>;
   recovery: { kind: string; detail: string; dirtyBytesAtStart: number };
-  async: { ordered: boolean; bufferBytes: number; bufferedBytes: number; bufferedWrites: number; overflows: number } | null;
+  async: { ordered: boolean; bufferBytes: number; bufferedBytes: number; bufferedWrites: number; overflows: number; writes: number; epochs: number } | null;
   writeIntent: { capacityExtents: number; hotExtents: number; transactions: number; pageWrites: number; acquires: number; acquiresWaited: number } | null;
 }
 

@@ -74,6 +74,76 @@ function matchPrefix(area: Buffer, log: readonly Written[]): number | string {
   return newest;
 }
 
+/** A write of the concurrent workload: `frontier` is how many writes the client had seen
+ *  acknowledged when it issued this one (it may depend on all of them). */
+interface Issued {
+  id: number;
+  block: number;
+  frontier: number;
+  data: Buffer;
+}
+
+interface ConcurrentLog {
+  /** Every write issued, by id. */
+  byId: Map<number, Issued>;
+  /** Per block, its writes in order (one writer per block, one write at a time). */
+  perBlock: Issued[][];
+  /** Writes in the order the client saw them acknowledged. */
+  acked: Issued[];
+}
+
+/** `writers` clients on their own connections, each writing its own blocks one write at a time
+ *  (dependent within a writer, concurrent across writers), until the connection dies. */
+async function writeConcurrently(socketPath: string, writers: number, log: ConcurrentLog, stop: { killed: boolean }, random: () => number): Promise<void> {
+  const blocksPerWriter = AREA_BLOCKS / writers;
+  let nextId = 1;
+  await Promise.all(
+    Array.from({ length: writers }, async (_, writer) => {
+      const { client } = await NbdTestClient.open(socketPath, 'vol0');
+      try {
+        while (!stop.killed) {
+          const block = writer * blocksPerWriter + Math.floor(random() * blocksPerWriter);
+          const entry: Issued = { id: nextId++, block, frontier: log.acked.length, data: randomBytes(BLOCK) };
+          entry.data.writeUInt32LE(entry.id, 0);
+          entry.data.writeUInt32LE(block, 4);
+          log.byId.set(entry.id, entry);
+          (log.perBlock[block] as Issued[]).push(entry);
+          const reply = await client.request({ type: P.NBD_CMD_WRITE, offsetBytes: AREA_START + block * BLOCK, lengthBytes: BLOCK, payload: entry.data });
+          if (reply.error !== 0) throw new Error(`write failed: NBD error ${reply.error}`);
+          log.acked.push(entry);
+        }
+      } catch (error) {
+        if (!stop.killed) throw error;
+      } finally {
+        client.destroy();
+      }
+    }),
+  );
+}
+
+/** Crash consistency with concurrent writers: every write the area holds was issued by the
+ *  client, and for the newest frontier among them, every write acknowledged before it is there
+ *  (or a later write to its block). Returns that frontier, or why the area is inconsistent. */
+function checkDependencies(area: Buffer, log: ConcurrentLog): number | string {
+  const held = new Array<number>(AREA_BLOCKS).fill(-1); // index into perBlock, -1: never written
+  let frontier = 0;
+  for (let block = 0; block < AREA_BLOCKS; block++) {
+    const bytes = area.subarray(block * BLOCK, (block + 1) * BLOCK);
+    if (bytes.every((byte) => byte === 0)) continue;
+    const entry = log.byId.get(bytes.readUInt32LE(0));
+    if (entry === undefined || entry.block !== block || !entry.data.equals(bytes)) return `block ${block} holds bytes no issued write put there`;
+    held[block] = (log.perBlock[block] as Issued[]).indexOf(entry);
+    frontier = Math.max(frontier, entry.frontier);
+  }
+  for (const needed of log.acked.slice(0, frontier)) {
+    const index = (log.perBlock[needed.block] as Issued[]).indexOf(needed);
+    if ((held[needed.block] as number) < index) {
+      return `the target holds a write issued after write ${needed.id} (block ${needed.block}) was acknowledged, but not write ${needed.id}`;
+    }
+  }
+  return frontier;
+}
+
 async function readArea(devicePath: string): Promise<Buffer> {
   const result = await runTool('dd', [`if=${devicePath}`, 'iflag=direct', 'bs=1M', `skip=${AREA_START / MiB}`, `count=${(AREA_BLOCKS * BLOCK) / MiB}`, 'status=none']);
   if (result.code !== 0) throw new Error(`reading ${devicePath} failed: ${result.stderr}`);
@@ -142,6 +212,40 @@ t.test('async mode: SIGKILL of the target while its writes finish out of order (
     await qemuIo(pair.sourceUri, [`write -z ${AREA_START} ${AREA_BLOCKS * BLOCK}`]);
     await pair.waitFor((status) => status.dirtyBytes === 0 && status.async?.bufferedWrites === 0, 'area cleared on the target');
   }
+});
+
+t.test('async mode, concurrent writers: a killed target never holds a write without those acknowledged before it was issued (fault delay)', { skip }, async (t) => {
+  const rounds = Number(process.env.BM_CRASH_ROUNDS ?? 3);
+  const seed = Number(process.env.BM_CRASH_SEED ?? Date.now() % 1_000_000);
+  t.comment(`seed ${seed}; rerun with BM_CRASH_SEED=${seed}`);
+  const random = prng(seed);
+  const pair = await startMirrorPair(t, { sizeBytes: 32 * MiB, targetEnv: { BLOCKMIRROR_FAULT_TARGET_DELAY_MS: '4' } });
+  await pair.addMirror({ mode: 'async' });
+  await pair.waitFor((status) => status.state === 'INSYNC', 'INSYNC');
+  let grouped = 0;
+  for (let round = 0; round < rounds; round++) {
+    const log: ConcurrentLog = { byId: new Map(), perBlock: Array.from({ length: AREA_BLOCKS }, () => []), acked: [] };
+    const stop = { killed: false };
+    const before = await pair.status();
+    const writing = writeConcurrently(pair.source.paths.nbdSocket, 4, log, stop, random);
+    const killAfterMs = 200 + Math.floor(random() * 400);
+    await new Promise((resolve) => setTimeout(resolve, killAfterMs));
+    const during = await pair.status();
+    // Writes issued with none acknowledged in between share an epoch and may land in any order.
+    grouped += (during.async?.writes ?? 0) - (before.async?.writes ?? 0) - ((during.async?.epochs ?? 0) - (before.async?.epochs ?? 0));
+    await pair.crashTarget(async () => {
+      stop.killed = true;
+      await writing;
+      const verdict = checkDependencies(await readArea(pair.targetDevice.path), log);
+      t.type(verdict, 'number', `round ${round} (target killed at ${killAfterMs} ms, ${log.acked.length} writes acknowledged): ${verdict}`);
+    });
+    await pair.waitFor((status) => status.state === 'INSYNC' && status.dirtyBytes === 0 && status.async?.bufferedWrites === 0, 'INSYNC after the target restart');
+    const [source, target] = await Promise.all([deviceSha256(pair.sourceDevice.path), deviceSha256(pair.targetDevice.path)]);
+    t.equal(target, source, `round ${round}: devices equal after the resync`);
+    await qemuIo(pair.sourceUri, [`write -z ${AREA_START} ${AREA_BLOCKS * BLOCK}`]);
+    await pair.waitFor((status) => status.dirtyBytes === 0 && status.async?.bufferedWrites === 0, 'area cleared on the target');
+  }
+  t.ok(grouped > 0, `some writes shared an epoch with an earlier one (${grouped}), so the target had writes to reorder`);
 });
 
 t.test('async mode: a full buffer falls back to the dirty bitmap, catches up, and returns to ordered mode', { skip }, async (t) => {
