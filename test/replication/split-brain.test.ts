@@ -298,6 +298,30 @@ t.test('SIGKILL of a promoted target: promoted and the written regions survive; 
   t.equal(after.target, sourceHash, 'the target holds the source\'s bytes');
 });
 
+t.test('SIGKILL of the source in the middle of resolve --discard this: the restart resumes it; both devices end with the target\'s bytes', { skip }, async (t) => {
+  const pair = await startMirrorPair(t, { sizeBytes: SIZE, fillBytes: 4 * MiB, proxy: true });
+  await diverge(t, pair, { demote: false });
+  // A large change on the promoted target, so the restore takes a while.
+  await write(t, pair.targetUri, [{ offset: 24 * MiB, length: 32 * MiB, pattern: 0xe1 }], '32 MiB more on the promoted target');
+  await demoteTarget(t, pair);
+  const { target: targetHash } = await detect(t, pair, { peerPromoted: false, exactB: false });
+  const resolve = await cliOn(pair.source)('--json', 'mirror', 'resolve', 'vol0', '--discard', 'this');
+  t.equal(resolve.code, 0, `mirror resolve --discard this: exit 0 ${resolve.stderr}`);
+  const killAfterMs = Math.floor(Math.random() * 120);
+  await sleep(killAfterMs);
+  const atKill = await status(pair).catch(() => undefined);
+  await pair.crashSource();
+  t.comment(`source SIGKILLed ${killAfterMs} ms after the resolve (state ${atKill?.state}, ${atKill?.received?.restoreBytes ?? '?'} bytes restored)`);
+  const restarted = await status(pair);
+  t.ok(restarted.splitBrain === null || restarted.splitBrain.resolving === 'this', `after the restart the choice is kept or already done: ${JSON.stringify(restarted.splitBrain)}`);
+  const done = await waitStatus(pair, (s) => s.state === 'INSYNC' && s.dirtyBytes === 0, 'INSYNC after the restarted resolve', 30_000);
+  t.equal(done.splitBrain, null, 'resolved');
+  const after = await hashes(pair);
+  t.equal(after.target, targetHash, 'the target kept its bytes');
+  t.equal(after.source, targetHash, 'the source holds the target\'s bytes (sha256 of the whole device)');
+  t.equal((await volumeInfo(pair.target)).divergence, null, 'the target\'s divergence record is gone');
+});
+
 t.test('refusals: resolve on a healthy mirror, bad --discard, promote of a primary, demote of a non-promoted mirror, promote while replicating', { skip }, async (t) => {
   const pair = await startMirrorPair(t, { sizeBytes: SIZE, fillBytes: 1 * MiB });
   await pair.addMirror({ mode: 'sync' });
