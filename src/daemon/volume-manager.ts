@@ -28,6 +28,8 @@ export interface OpenVolume extends BlockBackend, ReplicaSource, ReplicaTarget {
   close(): Promise<void>;
   /** Mirror volumes: writable to clients (promoted) or not. */
   setPromoted(promoted: boolean): void;
+  /** Mirror volumes: closed to the mirror service while diverged from their source. */
+  setDiverged(diverged: boolean): void;
   /** Set once a device write or flush failed (see Volume.failure). */
   failure(): { code: string; message: string } | undefined;
 }
@@ -146,6 +148,7 @@ export class VolumeManager {
       if (record.divergence === undefined || volume === null) continue;
       const { log, state } = await DivergenceLog.open(this.divergenceOptions(record, volume));
       entry.divergence = log;
+      volume.setDiverged(true);
       if (record.promoted) {
         volume.setWriteIntent(log);
         volume.setPromoted(true);
@@ -327,12 +330,15 @@ export class VolumeManager {
       }
       entry.record = next;
       entry.divergence = log;
-      // From here a new source connection finds the volume diverged; one still connected ends
-      // after the writes it started have landed.
-      await session?.end(`volume ${params.name} was promoted by the admin`);
+      volume.setDiverged(true);
+      // From here a new source connection finds the volume diverged and the volume refuses
+      // the mirror service's writes. The session connected now (looked up again: one may have
+      // been admitted while the record was written) ends after the writes it started landed.
+      const current = this.replicationSession(params.name);
+      await current?.end(`volume ${params.name} was promoted by the admin`);
       volume.setWriteIntent(log);
       volume.setPromoted(true);
-      this.logger.warn({ volume: params.name, generation: divergence.generation, cutSource: session?.peer ?? null }, 'mirror volume promoted: writable to NBD clients; its source will find it diverged (split brain)');
+      this.logger.warn({ volume: params.name, generation: divergence.generation, cutSource: current?.peer ?? null }, 'mirror volume promoted: writable to NBD clients; its source will find it diverged (split brain)');
       return this.describe(entry);
     });
   }
@@ -395,6 +401,7 @@ export class VolumeManager {
         throw new BmError(ControlErrorCode.StateWrite, `resolving the split brain of volume ${name} failed: writing the registry failed: ${errorMessage(error)}`, { cause: error });
       }
       entry.record = next;
+      entry.volume?.setDiverged(false);
       const log = entry.divergence;
       entry.divergence = null;
       await log?.close();

@@ -89,6 +89,9 @@ export class Volume implements BlockBackend {
   private clientReadOnly: boolean;
   /** A mirror volume made writable by hand (setPromoted): the mirror service may not write it. */
   private promoted = false;
+  /** A mirror volume written while promoted and not yet resolved by its source (setDiverged):
+   *  the mirror service may not write it either, promoted or not. */
+  private diverged = false;
   /** Mirrors of this volume: every client write, zeroing and flush is also handed to them. */
   private replicas: readonly VolumeReplica[] = [];
   /** The mirrors' write-intent log: replicated changes record their extents in it first. */
@@ -239,6 +242,13 @@ export class Volume implements BlockBackend {
     this.promoted = promoted;
     this.clientReadOnly = !promoted;
     this.backendInfo.readOnly = !promoted;
+  }
+
+  /** Marks a mirror volume diverged from its source (written while promoted) or resolved again.
+   *  Set before promoting, so no source session can write it from then on. */
+  setDiverged(diverged: boolean): void {
+    assert(this.spec.role === 'mirror', 'only mirror volumes diverge');
+    this.diverged = diverged;
   }
 
   /** Whether client changes go through the replicated path: mirrors attached, or a write-intent
@@ -685,6 +695,7 @@ export class Volume implements BlockBackend {
   private checkMirrorService(): void {
     if (this.spec.role !== 'mirror') throw new VolumeError('EPERM', `volume ${this.spec.name} is not a mirror volume`);
     if (this.promoted) throw new VolumeError('EPERM', `volume ${this.spec.name} is promoted: the mirror service may not write it`);
+    if (this.diverged) throw new VolumeError('EPERM', `volume ${this.spec.name} diverged from its source (split brain): the mirror service may not write it until the source resolves it`);
     this.checkDeviceWritable();
   }
 
