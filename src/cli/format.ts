@@ -174,7 +174,8 @@ export function formatMirrorStatus(mirrors: readonly MirrorInfo[]): string {
       const split = mirror.splitBrain;
       if (split !== null) {
         const resolving = split.resolving === null ? 'waiting for mirror resolve --discard this|peer' : `resolving: discarding ${split.resolving === 'this' ? 'this side' : 'the peer'}`;
-        fields.push(['split brain', `since ${split.detectedAt}: peer wrote ${formatSize(split.peerDivergedBytes)}${split.peerPromoted ? ' (still promoted)' : ''}, this side ${formatSize(split.localDirtyBytes)}; ${resolving}`]);
+        const restoring = split.restoring ? '; restore from the target incomplete: client writes wait' : '';
+        fields.push(['split brain', `since ${split.detectedAt}: peer wrote ${formatSize(split.peerDivergedBytes)}${split.peerPromoted ? ' (still promoted)' : ''}, this side ${formatSize(split.localDirtyBytes)}; ${resolving}${restoring}`]);
       }
       if (mirror.received.restoreBytes > 0) fields.push(['restored', `${formatSize(mirror.received.restoreBytes)} from the target`]);
       fields.push(

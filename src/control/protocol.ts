@@ -255,6 +255,10 @@ export interface SplitBrainInfo {
   localDirtyBytes: number;
   /** The side being discarded by a mirror.resolve in progress, or null. */
   resolving: SplitBrainDiscard | null;
+  /** A restore of the target's bytes (discard this) began and is not acknowledged by the
+   *  target yet: client writes to the volume wait (or fail while the mirror is in ERROR or
+   *  suspended). */
+  restoring: boolean;
 }
 
 /** new: a new mirror (everything is copied); clean-shutdown: the bitmap saved at the last

@@ -384,7 +384,7 @@ function dormantInfo(record: MirrorRecord): MirrorInfo {
     async: null,
     recovery: { kind: 'metadata-lost', detail: 'not running: its source volume is not online', dirtyBytesAtStart: 0 },
     writeIntent: null,
-    splitBrain: record.splitBrain === undefined ? null : { ...record.splitBrain, resolving: record.resolve ?? null },
+    splitBrain: record.splitBrain === undefined ? null : { ...record.splitBrain, resolving: record.resolve ?? null, restoring: record.restoring === true },
     received: { restoreBytes: 0 },
   };
 }

@@ -46,6 +46,9 @@ const mirrorRecordSchema = z.strictObject({
     })
     .optional(),
   resolve: z.enum(splitBrainDiscards).optional(),
+  /** resolve --discard this began restoring the target's bytes: client writes wait until the
+   *  target acknowledged the Resolve (a retry restores the union again). */
+  restoring: z.literal(true).optional(),
   /** Set while the mirror is in ERROR, so a restart does not forget why. */
   error: z.strictObject({ code: z.enum(MIRROR_ERROR_CODES), reason: z.string().max(4096) }).nullable(),
   createdAt: z.iso.datetime(),

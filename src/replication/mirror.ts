@@ -168,10 +168,13 @@ export class Mirror implements VolumeReplica {
   /** Async mode's current epoch: the link it was sent on, and whether a client write was
    *  acknowledged since it began (the next ordered write then depends on it: a new epoch). */
   private asyncEpoch: { link: SourceLink | null; acknowledged: boolean } = { link: null, acknowledged: true };
-  /** Split brain resolved with --discard this: client writes wait at admit() while the
-   *  target's bytes are restored; the restore's own writes are recognised by their memory (the
-   *  volume hands replicas views of it, not the same Buffer object). */
-  private restoreGate: { promise: Promise<void>; open: () => void } | null = null;
+  /** Split brain resolved with --discard this: from the first restored byte until the target
+   *  acknowledged the Resolve (record.restoring, kept across link drops and restarts), client
+   *  writes wait at admit(). A retry restores the union again, so a client write let through
+   *  between two tries would be overwritten with the target's older bytes. */
+  private restoreWaiters: Array<{ resolve: () => void; reject: (error: Error) => void }> = [];
+  /** The restore's own writes, recognised by their memory (the volume hands replicas views of
+   *  it, not the same Buffer object). */
   private readonly restoring = new Set<ArrayBufferLike>();
   private restoredBytes = 0;
 
@@ -220,6 +223,10 @@ export class Mirror implements VolumeReplica {
     this.stopping = true;
     this.releaseOnStop = why === 'remove';
     this.releaseHeld(this.releaseOnStop ? undefined : this.shutdownError());
+    if (this.releaseOnStop && this.record.restoring === true) {
+      this.logger.warn('mirror removed in the middle of restoring the target\'s bytes (resolve --discard this): client writes go on over a partly restored volume');
+    }
+    this.releaseRestoreWaiters(this.releaseOnStop ? undefined : this.shutdownError());
     // A last flush lets the saved bitmap leave out what the target already holds durably;
     // bounded, because a stuck target must not hold up the shutdown.
     const link = this.liveLink();
@@ -248,6 +255,7 @@ export class Mirror implements VolumeReplica {
   releaseHeldForShutdown(): void {
     this.stopping = true;
     this.releaseHeld(this.shutdownError());
+    this.releaseRestoreWaiters(this.shutdownError());
     this.shutdownTimer ??= setTimeout(() => this.link?.close('the daemon is stopping and the target did not answer in time'), SHUTDOWN_ACK_WAIT_MS).unref();
   }
 
@@ -261,6 +269,9 @@ export class Mirror implements VolumeReplica {
     this.refuseUnlessAllowed('suspend');
     this.update({ suspended: true });
     this.releaseHeld(); // suspended means unprotected by the admin's choice: nothing is held
+    // ... except by an unfinished restore: letting writes through would have a later retry
+    // overwrite them, so they fail until the admin resumes.
+    if (this.restorePending()) this.releaseRestoreWaiters(this.restoreError());
     this.link?.close('suspended by the admin');
     this.wakeup.notify();
   }
@@ -375,7 +386,7 @@ export class Mirror implements VolumeReplica {
           : null,
       recovery: { ...this.options.recovery },
       writeIntent: this.options.writeIntentInfo(),
-      splitBrain: this.record.splitBrain === undefined ? null : { ...this.record.splitBrain, resolving: this.record.resolve ?? null },
+      splitBrain: this.record.splitBrain === undefined ? null : { ...this.record.splitBrain, resolving: this.record.resolve ?? null, restoring: this.record.restoring === true },
       received: { restoreBytes: this.restoredBytes },
     };
   }
@@ -396,7 +407,7 @@ export class Mirror implements VolumeReplica {
   // --- VolumeReplica -------------------------------------------------------------------------
 
   admit(): Promise<void> | void {
-    if (this.restoreGate !== null) return this.restoreGate.promise.then(() => this.admit());
+    if (this.restorePending()) return this.waitForRestore().then(() => this.admit());
     if (this.mustHold()) return this.hold();
   }
 
@@ -633,6 +644,37 @@ export class Mirror implements VolumeReplica {
     return syncPolicyOf(this.record).onTimeout === 'block' && this.record.mode === 'sync' && this.record.fullCopyDone && !this.record.suspended;
   }
 
+  /** A restore (resolve --discard this) started and the target has not acknowledged the
+   *  Resolve yet; a removed mirror no longer holds anything. */
+  private restorePending(): boolean {
+    return this.record.restoring === true && !this.releaseOnStop;
+  }
+
+  /** Client writes wait for the restore to complete; they fail at shutdown and while the
+   *  mirror is in ERROR (the admin must act: they would otherwise hang without bound). */
+  private waitForRestore(): Promise<void> {
+    if (this.stopping) return this.releaseOnStop ? Promise.resolve() : Promise.reject(this.shutdownError());
+    if (this.machine.state === 'ERROR' || this.record.suspended) return Promise.reject(this.restoreError());
+    return new Promise((resolve, reject) => this.restoreWaiters.push({ resolve, reject }));
+  }
+
+  private restoreError(): MirrorError {
+    return new MirrorError('EIO', `volume ${this.record.volume} is being restored from ${this.record.target} on ${this.record.peer} (mirror resolve --discard this) and the mirror is ${this.record.suspended ? 'suspended' : 'in ERROR'}: writes are refused until a resolve completes (mirror resolve, or resume) or the mirror is removed`);
+  }
+
+  private releaseRestoreWaiters(error?: Error): void {
+    for (const waiter of this.restoreWaiters.splice(0)) {
+      if (error === undefined) waiter.resolve();
+      else waiter.reject(error);
+    }
+  }
+
+  /** The split brain is resolved (or found resolved): forget the choice and let writes go on. */
+  private splitBrainResolved(): void {
+    this.tryUpdate({ resolve: undefined, splitBrain: undefined, restoring: undefined });
+    this.releaseRestoreWaiters();
+  }
+
   private releaseHeld(error?: Error): void {
     for (const waiter of this.held.splice(0)) {
       if (error === undefined) waiter.resolve();
@@ -653,6 +695,12 @@ export class Mirror implements VolumeReplica {
       this.tryUpdate({ error: { code: cause.code as MirrorErrorCode, reason: cause.reason } });
     } else if (from === 'ERROR' && to !== 'ERROR') {
       this.tryUpdate({ error: null });
+    }
+    if (to === 'ERROR') {
+      // The admin's choice applied to the split brain it was made for; whatever sent the mirror
+      // to ERROR now (the target promoted again, refusing the resolve, ...) needs a new one.
+      if (this.record.resolve !== undefined) this.tryUpdate({ resolve: undefined });
+      if (this.restorePending()) this.releaseRestoreWaiters(this.restoreError());
     }
     // No longer strict (suspended, or a full copy started again): what was held goes on.
     if (to === 'INSYNC' || !this.isStrict()) this.releaseHeld();
@@ -789,7 +837,7 @@ export class Mirror implements VolumeReplica {
       knowsUs = true;
     } else if (this.record.resolve !== undefined || this.record.splitBrain !== undefined) {
       // Resolved on the target before we could record it (a crash in between): done.
-      this.tryUpdate({ resolve: undefined, splitBrain: undefined });
+      this.splitBrainResolved();
     }
     if (!knowsUs) {
       // The target has no history with this generation (new, re-added, or reset): everything.
@@ -862,47 +910,42 @@ export class Mirror implements VolumeReplica {
     const result = await link.resolve(this.record.generation);
     if (result === 'lost') return this.resolveInterrupted(link);
     if (result === 'failed') return severe(`split brain: ${sides}; the target refused to resolve (${link.lastTargetStatus ?? 'an error'}); is it promoted again?`);
-    this.update({ resolve: undefined, splitBrain: undefined });
+    this.splitBrainResolved();
     this.logger.warn({ discard, dirtyBytes: this.dirty.dirtyBytes(), restoredBytes: this.restoredBytes }, 'split brain resolved');
     return true;
   }
 
-  /** Restores every dirty region from the target (discard this), with client writes held. */
+  /** Restores every dirty region from the target (discard this), with client writes held
+   *  from here until the target acknowledges the Resolve. */
   private async restore(link: SourceLink): Promise<'ok' | 'lost'> {
-    let open!: () => void;
-    const promise = new Promise<void>((resolve) => (open = resolve));
-    this.restoreGate = { promise, open };
-    try {
-      const outcome = await restoreFromPeer({
-        link,
-        dirty: this.dirty,
-        write: async (offsetBytes, data) => {
-          // Aligned memory of its own (no copy on the way to the device, and no other write
-          // can share it).
-          const buffer = this.pool.acquire(data.length);
-          data.copy(buffer);
-          this.restoring.add(buffer.buffer);
-          try {
-            await this.volume.restoreWrite(offsetBytes, buffer);
-          } finally {
-            this.restoring.delete(buffer.buffer);
-            this.pool.release(buffer);
-          }
-        },
-        chunkBytesMax: CHUNK_BYTES_MAX,
-        chunksInFlightMax: CHUNKS_IN_FLIGHT_MAX / 2,
-        onRestored: (bytes) => {
-          this.restoredBytes += bytes;
-        },
-        cancelled: () => this.stopping,
-      });
-      // Durable here before the target forgets the divergence that says where to restore.
-      if (outcome === 'ok') await this.volume.flushLocal();
-      return outcome;
-    } finally {
-      this.restoreGate = null;
-      open();
-    }
+    // Durable before the first restored byte: a restart must go on holding client writes.
+    if (this.record.restoring !== true) this.update({ restoring: true });
+    const outcome = await restoreFromPeer({
+      link,
+      dirty: this.dirty,
+      write: async (offsetBytes, data) => {
+        // Aligned memory of its own (no copy on the way to the device, and no other write
+        // can share it).
+        const buffer = this.pool.acquire(data.length);
+        data.copy(buffer);
+        this.restoring.add(buffer.buffer);
+        try {
+          await this.volume.restoreWrite(offsetBytes, buffer);
+        } finally {
+          this.restoring.delete(buffer.buffer);
+          this.pool.release(buffer);
+        }
+      },
+      chunkBytesMax: CHUNK_BYTES_MAX,
+      chunksInFlightMax: CHUNKS_IN_FLIGHT_MAX / 2,
+      onRestored: (bytes) => {
+        this.restoredBytes += bytes;
+      },
+      cancelled: () => this.stopping,
+    });
+    // Durable here before the target forgets the divergence that says where to restore.
+    if (outcome === 'ok') await this.volume.flushLocal();
+    return outcome;
   }
 
   /** The link went while resolving: READY -> RESET, and the next connection starts over. */
