@@ -419,12 +419,12 @@ export class Mirror implements VolumeReplica {
       return local.catch(() => this.markDirty(offsetBytes, data.length));
     }
     if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, data.length, data, local);
-    return this.forward(offsetBytes, data.length, local, (link) => link.write(offsetBytes, data, data.length, fua));
+    return this.forward(offsetBytes, data.length, local, (link, ordered) => link.write(offsetBytes, data, data.length, fua, ordered));
   }
 
   replicateZeroes(offsetBytes: number, lengthBytes: number, fua: boolean, local: Promise<void>): Promise<void> {
     if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, lengthBytes, undefined, local);
-    return this.forward(offsetBytes, lengthBytes, local, (link) => link.write(offsetBytes, undefined, lengthBytes, fua));
+    return this.forward(offsetBytes, lengthBytes, local, (link, ordered) => link.write(offsetBytes, undefined, lengthBytes, fua, ordered));
   }
 
   async replicateFlush(): Promise<void> {
@@ -452,7 +452,7 @@ export class Mirror implements VolumeReplica {
     return state === 'REPLICATE' || state === 'OUTOFSYNC' || state === 'INSYNC' ? link : null;
   }
 
-  private forward(offsetBytes: number, lengthBytes: number, local: Promise<void>, send: (link: SourceLink) => Promise<SendResult>): Promise<void> {
+  private forward(offsetBytes: number, lengthBytes: number, local: Promise<void>, send: (link: SourceLink, ordered: boolean) => Promise<SendResult>): Promise<void> {
     const link = this.liveLink();
     // In INSYNC every write is forwarded, even into a region a rare race left dirty: what the
     // client is told is on the target must be there. While copying, a region not yet copied is
@@ -467,7 +467,10 @@ export class Mirror implements VolumeReplica {
     this.sent.liveBytes += lengthBytes;
     // Recorded the moment the target answers or the link drops, not after the local write: a
     // reconnect in between must find the region dirty (or unflushed) in the bitmaps.
-    const sent = this.deadline.track(send(link)).then((result) => {
+    // Just after a switch from async mode, ordered writes may still be on their way: this one
+    // lands after them (it starts an epoch on the target), or a sync write the client saw
+    // acknowledged could be on the target without an async one acknowledged before it.
+    const sent = this.deadline.track(send(link, this.asyncInFlight.size > 0)).then((result) => {
       if (result === 'ok') {
         this.unflushed.setRange(offsetBytes, lengthBytes);
       } else {

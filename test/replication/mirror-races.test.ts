@@ -3,7 +3,8 @@
 // write (strict and crash-consistent), a local write failing after the target got the bytes, a
 // volume answering before its replica let go of the payload, an unwritable state dir, a strict
 // mirror's held write when the target forgot the generation, one write the target never
-// finishes while others are acknowledged, and a source read failing during the copy. A real
+// finishes while others are acknowledged, a source read failing during the copy, and a sync
+// write overtaking async writes still in flight after a mode switch. A real
 // Mirror and ReplicationServer run in-process over 127.0.0.1 with in-memory volumes
 // (test/helpers/fake-source.ts); link cuts go through test/helpers/tcp-proxy.ts.
 import t from 'tap';
@@ -403,5 +404,29 @@ t.test('a source read failing during the copy: ERROR BM_ERR_SOURCE_IO naming the
     5000,
   );
   t.equal(mirror.info().error, null, 'the error is cleared');
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});
+
+t.test('async -> sync under load: a sync write acknowledged to the client is on the target after the async writes acknowledged before it', async (t) => {
+  const { logger, logs } = captureLogger();
+  const target = new FakeTarget();
+  const { port } = await startTarget(t, target, { logger });
+  const source = new FakeSource();
+  const { mirror } = startMirror(t, source, () => port, { logger, record: { mode: 'async' } });
+  await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0, 'INSYNC in async mode');
+
+  const asyncOffset = 128 * KiB;
+  const syncOffset = 1024 * KiB; // another region: only the epoch can order the two
+  const A = randomBytes(4 * KiB);
+  const S = randomBytes(4 * KiB);
+  // The target is slow to apply the async write: it is still in flight after the switch.
+  target.beforeWrite = (offsetBytes) => (offsetBytes === asyncOffset ? sleep(300).then(() => undefined) : undefined);
+  await source.write(asyncOffset, A); // async: acknowledged once local
+  t.notOk(slice(target.data, asyncOffset, A.length).equals(A), 'the async write is acknowledged and not yet on the target');
+  mirror.set({ mode: 'sync' });
+  await source.write(syncOffset, S); // sync: acknowledged once the target has it
+  t.ok(slice(target.data, syncOffset, S.length).equals(S), 'the sync write is on the target when acknowledged');
+  t.ok(slice(target.data, asyncOffset, A.length).equals(A), 'and so is the async write acknowledged before it was issued');
+  await waitFor(() => source.data.equals(target.data), 'source == target');
   t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
