@@ -473,8 +473,24 @@ class TargetSession {
       if (this.channel.stream.destroyed) return;
       this.channel.send(wireMessage('bitmapExchange', { sequence, regionBytes: bits.regionBytes, firstRegion: first, regionCount: count, last: lastPart }), payload);
       if (lastPart) return;
-      await new Promise<void>((resolve) => (this.channel.stream.writableNeedDrain ? this.channel.stream.once('drain', resolve) : resolve()));
+      await this.drained();
     }
+  }
+
+  /** Resolves once the socket's write buffer is below its mark again, or the socket is gone
+   *  (a destroyed socket never drains). */
+  private drained(): Promise<void> {
+    const stream = this.channel.stream;
+    if (stream.destroyed || !stream.writableNeedDrain) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = (): void => {
+        stream.off('drain', done);
+        stream.off('close', done);
+        resolve();
+      };
+      stream.on('drain', done);
+      stream.on('close', done);
+    });
   }
 
   /** ResyncRequest: each range read once every write received before the request has landed,
@@ -508,6 +524,9 @@ class TargetSession {
             read.release();
             if (this.channel.stream.destroyed) return;
             this.channel.send(wireMessage('resyncData', { sequence: request.sequence, offsetBytes: range.offsetBytes, lengthBytes: range.lengthBytes }), payload);
+            // Counted until the socket took it: a source that does not read must stop the
+            // session reading requests (SESSION_BYTES_MAX), not grow the write buffer.
+            await this.drained();
           }
         } finally {
           this.inFlightBytes -= total;
