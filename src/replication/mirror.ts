@@ -176,6 +176,9 @@ export class Mirror implements VolumeReplica {
   /** The restore's own writes, recognised by their memory (the volume hands replicas views of
    *  it, not the same Buffer object). */
   private readonly restoring = new Set<ArrayBufferLike>();
+  /** Regions the running restore wrote and no client write touched since: their dirty bits are
+   *  cleared only once the local device is flushed (a lost cache must not leave them clean). */
+  private restoredUnflushed: DirtyBitmap | null = null;
   private restoredBytes = 0;
 
   constructor(options: MirrorOptions) {
@@ -413,16 +416,21 @@ export class Mirror implements VolumeReplica {
 
   replicateWrite(offsetBytes: number, data: Buffer, fua: boolean, local: Promise<void>): Promise<void> {
     if (this.restoring.has(data.buffer)) {
-      // Our own restore: once written, the source holds the target's bytes there. Cleared here,
-      // under the range lock, so a client write after it marks the region again.
-      this.dirty.clearRange(offsetBytes, data.length);
-      return local.catch(() => this.markDirty(offsetBytes, data.length));
+      // Our own restore: once written and flushed, the source holds the target's bytes there.
+      // Noted here, under the range lock, so a client write after it takes the region out again.
+      this.restoredUnflushed?.setRange(offsetBytes, data.length);
+      return local.catch(() => {
+        this.forgetRestored(offsetBytes, data.length);
+        this.markDirty(offsetBytes, data.length);
+      });
     }
+    this.forgetRestored(offsetBytes, data.length);
     if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, data.length, data, local);
     return this.forward(offsetBytes, data.length, local, (link, ordered) => link.write(offsetBytes, data, data.length, fua, ordered));
   }
 
   replicateZeroes(offsetBytes: number, lengthBytes: number, fua: boolean, local: Promise<void>): Promise<void> {
+    this.forgetRestored(offsetBytes, lengthBytes);
     if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, lengthBytes, undefined, local);
     return this.forward(offsetBytes, lengthBytes, local, (link, ordered) => link.write(offsetBytes, undefined, lengthBytes, fua, ordered));
   }
@@ -578,6 +586,16 @@ export class Mirror implements VolumeReplica {
     this.logger.warn({ count, waitedMs: Math.round(waitedMs), syncTimeoutMs }, 'the target is slower than the sync timeout; cracking the link (--on-timeout suspend)');
     this.crackCause ??= { link, code: 'BM_ERR_SYNC_TIMEOUT', reason };
     link.close(reason);
+  }
+
+  /** A write after the restore's in a region: the region stays dirty after the restore. */
+  private forgetRestored(offsetBytes: number, lengthBytes: number): void {
+    const restored = this.restoredUnflushed;
+    if (restored === null) return;
+    // Every region the range touches (clearRange only clears regions fully inside).
+    const start = Math.floor(offsetBytes / REGION_BYTES) * REGION_BYTES;
+    const end = Math.min(restored.sizeBytes, Math.ceil((offsetBytes + lengthBytes) / REGION_BYTES) * REGION_BYTES);
+    restored.clearRange(start, end - start);
   }
 
   private markDirty(offsetBytes: number, lengthBytes: number): void {
@@ -923,7 +941,23 @@ export class Mirror implements VolumeReplica {
   private async restore(link: SourceLink): Promise<'ok' | 'lost'> {
     // Durable before the first restored byte: a restart must go on holding client writes.
     if (this.record.restoring !== true) this.update({ restoring: true });
-    const outcome = await restoreFromPeer({
+    const restored = new DirtyBitmap(this.dirty.sizeBytes, REGION_BYTES);
+    this.restoredUnflushed = restored;
+    try {
+      const outcome = await this.restoreRuns(link);
+      if (outcome !== 'ok') return outcome;
+      // Durable here before the bits go (and before the target forgets the divergence that
+      // says where to restore).
+      await this.volume.flushLocal();
+      for (const run of dirtyRunsBetween(restored, 0, restored.sizeBytes)) this.dirty.clearRange(run.offsetBytes, run.lengthBytes);
+      return 'ok';
+    } finally {
+      this.restoredUnflushed = null;
+    }
+  }
+
+  private restoreRuns(link: SourceLink): Promise<'ok' | 'lost'> {
+    return restoreFromPeer({
       link,
       dirty: this.dirty,
       write: async (offsetBytes, data) => {
@@ -946,9 +980,6 @@ export class Mirror implements VolumeReplica {
       },
       cancelled: () => this.stopping,
     });
-    // Durable here before the target forgets the divergence that says where to restore.
-    if (outcome === 'ok') await this.volume.flushLocal();
-    return outcome;
   }
 
   /** The link went while resolving: READY -> RESET, and the next connection starts over. */

@@ -10,6 +10,7 @@ import { Mirror, REGION_BYTES, type MirrorTiming } from '../../src/replication/m
 import type { MirrorRecord } from '../../src/replication/mirror-store';
 import { ReplicationServer } from '../../src/replication/target-server';
 import type { MirrorSourceBinding } from '../../src/daemon/registry';
+import type { VolumeDivergence } from '../../src/daemon/volume-manager';
 import type { BlockBackendInfo } from '../../src/volume/backend';
 import type { ReplicaSource, ReplicaTarget, VolumeReplica } from '../../src/volume/replica';
 export { settlesWithin, waitFor } from './async';
@@ -102,7 +103,12 @@ export class FakeSource implements ReplicaSource {
     await replicated;
   }
 
-  async flushLocal(): Promise<void> {}
+  /** Runs when the mirror flushes the local device (after a restore). */
+  onFlushLocal: () => void = () => undefined;
+
+  async flushLocal(): Promise<void> {
+    this.onFlushLocal();
+  }
 
   /** A client write whose local write takes `localMs` and, with `localFails`, fails with EIO
    *  (the local bytes then stay as they were). */
@@ -211,7 +217,13 @@ export class FakeTarget implements ReplicaTarget {
 export async function startTarget(
   t: Teardown,
   target: FakeTarget,
-  options: { logger: Logger; bindSource?: () => Promise<void> },
+  options: {
+    logger: Logger;
+    bindSource?: () => Promise<void>;
+    /** The target volume's divergence (split brain), and what resolving it does. */
+    divergence?: () => VolumeDivergence | undefined;
+    resolveDivergence?: () => Promise<void>;
+  },
 ): Promise<{ server: ReplicationServer; port: number; forget: () => void }> {
   let binding: MirrorSourceBinding | undefined;
   const server = new ReplicationServer({
@@ -222,8 +234,8 @@ export async function startTarget(
       await options.bindSource?.();
       binding = next;
     },
-    divergence: () => undefined,
-    resolveDivergence: async () => undefined,
+    divergence: () => options.divergence?.(),
+    resolveDivergence: async () => options.resolveDivergence?.(),
     logger: options.logger.child({ side: 'target' }),
   });
   const port = await server.listen('127.0.0.1', 0);

@@ -3,18 +3,22 @@
 // write (strict and crash-consistent), a local write failing after the target got the bytes, a
 // volume answering before its replica let go of the payload, an unwritable state dir, a strict
 // mirror's held write when the target forgot the generation, one write the target never
-// finishes while others are acknowledged, a source read failing during the copy, and a sync
-// write overtaking async writes still in flight after a mode switch. A real
-// Mirror and ReplicationServer run in-process over 127.0.0.1 with in-memory volumes
+// finishes while others are acknowledged, a source read failing during the copy, a sync write
+// overtaking async writes still in flight after a mode switch, and restored regions counted
+// clean before the restore was flushed. A real Mirror and ReplicationServer run in-process
+// over 127.0.0.1 with in-memory volumes
 // (test/helpers/fake-source.ts); link cuts go through test/helpers/tcp-proxy.ts.
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pino from 'pino';
+import type { VolumeDivergence } from '../../src/daemon/volume-manager';
+import { DirtyBitmap } from '../../src/native/index';
+import { REGION_BYTES } from '../../src/replication/mirror';
 import type { VolumeReplica } from '../../src/volume/replica';
 import { Volume } from '../../src/volume/volume';
 import { deferred } from '../helpers/async';
-import { captureLogger, FakeSource, FakeTarget, settlesWithin, startMirror, startTarget, waitFor, type LogLine } from '../helpers/fake-source';
+import { captureLogger, FakeSource, FakeTarget, SIZE_BYTES, settlesWithin, startMirror, startTarget, waitFor, type LogLine } from '../helpers/fake-source';
 import { scratchDevice } from '../helpers/loop';
 import { startTcpProxy } from '../helpers/tcp-proxy';
 
@@ -428,5 +432,35 @@ t.test('async -> sync under load: a sync write acknowledged to the client is on 
   t.ok(slice(target.data, syncOffset, S.length).equals(S), 'the sync write is on the target when acknowledged');
   t.ok(slice(target.data, asyncOffset, A.length).equals(A), 'and so is the async write acknowledged before it was issued');
   await waitFor(() => source.data.equals(target.data), 'source == target');
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});
+
+t.test('resolve --discard this: the restored regions stay dirty until the source device is flushed', async (t) => {
+  const { logger, logs } = captureLogger();
+  const target = new FakeTarget();
+  target.data.fill(0xee); // what the promoted target's clients wrote
+  const bits = new DirtyBitmap(SIZE_BYTES, REGION_BYTES);
+  bits.setRange(0, 1024 * KiB);
+  let divergence: VolumeDivergence | undefined = { generation: 77, promoted: false, bits };
+  const { port } = await startTarget(t, target, {
+    logger,
+    divergence: () => divergence,
+    resolveDivergence: async () => {
+      divergence = undefined;
+    },
+  });
+  const source = new FakeSource();
+  source.data.fill(0x11);
+  let dirtyAtFlush: number | undefined;
+  const { mirror } = startMirror(t, source, () => port, { logger, record: { fullCopyDone: true, error: { code: 'BM_ERR_SPLIT_BRAIN', reason: 'split brain (test)' } } });
+  source.onFlushLocal = () => {
+    dirtyAtFlush ??= mirror.info().dirtyBytes;
+  };
+  t.equal(mirror.info().state, 'ERROR', 'starts in ERROR split brain');
+  mirror.resolve('this');
+  await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0, 'INSYNC after the restore');
+  t.equal(dirtyAtFlush, SIZE_BYTES, 'when the source device was flushed, every restored region was still dirty');
+  t.ok(source.data.equals(target.data), 'the source holds the target\'s bytes');
+  t.equal(divergence, undefined, 'the target resolved its divergence');
   t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
