@@ -930,7 +930,17 @@ export class Mirror implements VolumeReplica {
     }
     const result = await link.resolve(this.record.generation);
     if (result === 'lost') return this.resolveInterrupted(link);
-    if (result === 'failed') return severe(`split brain: ${sides}; the target refused to resolve (${link.lastTargetStatus ?? 'an error'}); is it promoted again?`);
+    if (result === 'failed' && link.lastTargetStatus === 'STATUS_READ_ONLY') {
+      return severe(`split brain: ${sides}; the target refused to resolve: it was promoted again`);
+    }
+    if (result === 'failed') {
+      // The target could not record the resolve (its state dir, say): nothing was lost on
+      // either side and every step is idempotent, so retry with backoff like a lost link.
+      link.close('the target failed to resolve');
+      this.link = null;
+      if (this.machine.state === 'READY') this.fire({ type: 'transientFailure', code: 'BM_ERR_TARGET_IO', reason: `the target failed to record the resolve (${link.lastTargetStatus ?? 'an error'}); retrying` });
+      return false;
+    }
     this.splitBrainResolved();
     this.logger.warn({ discard, dirtyBytes: this.dirty.dirtyBytes(), restoredBytes: this.restoredBytes }, 'split brain resolved');
     return true;

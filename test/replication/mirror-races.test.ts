@@ -5,7 +5,7 @@
 // mirror's held write when the target forgot the generation, one write the target never
 // finishes while others are acknowledged, a source read failing during the copy, a sync write
 // overtaking async writes still in flight after a mode switch, and restored regions counted
-// clean before the restore was flushed. A real Mirror and ReplicationServer run in-process
+// clean before the restore was flushed, and a target failing to record a resolve. A real Mirror and ReplicationServer run in-process
 // over 127.0.0.1 with in-memory volumes
 // (test/helpers/fake-source.ts); link cuts go through test/helpers/tcp-proxy.ts.
 import t from 'tap';
@@ -462,5 +462,33 @@ t.test('resolve --discard this: the restored regions stay dirty until the source
   t.equal(dirtyAtFlush, SIZE_BYTES, 'when the source device was flushed, every restored region was still dirty');
   t.ok(source.data.equals(target.data), 'the source holds the target\'s bytes');
   t.equal(divergence, undefined, 'the target resolved its divergence');
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});
+
+t.test('resolve: a target that fails to record the resolve (I/O error) is retried, not left in ERROR', async (t) => {
+  const { logger, logs } = captureLogger();
+  const target = new FakeTarget();
+  target.data.fill(0xee);
+  const bits = new DirtyBitmap(SIZE_BYTES, REGION_BYTES);
+  bits.setRange(0, 256 * KiB);
+  let divergence: VolumeDivergence | undefined = { generation: 78, promoted: false, bits };
+  let failures = 1;
+  const { port } = await startTarget(t, target, {
+    logger,
+    divergence: () => divergence,
+    resolveDivergence: async () => {
+      if (failures-- > 0) throw Object.assign(new Error('writing the registry failed (test)'), { code: 'BM_ERR_STATE_WRITE' });
+      divergence = undefined;
+    },
+  });
+  const source = new FakeSource();
+  const { mirror } = startMirror(t, source, () => port, { logger, record: { fullCopyDone: true, error: { code: 'BM_ERR_SPLIT_BRAIN', reason: 'split brain (test)' } } });
+  mirror.resolve('peer');
+  await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0, 'INSYNC after the retried resolve');
+  const retried = mirror.info().history.find((entry) => entry.event === 'transientFailure');
+  t.ok(retried !== undefined, `the failed resolve went to RESET and was retried: ${JSON.stringify(retried)}`);
+  t.notOk(mirror.info().history.some((entry) => entry.to === 'ERROR'), 'no ERROR after the failed resolve: the admin did not have to act again');
+  t.equal(divergence, undefined, 'the target resolved its divergence on the retry');
+  t.ok(source.data.equals(target.data), 'discard peer: the target holds the source\'s bytes');
   t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
