@@ -28,6 +28,9 @@ import { bitmapPartsMax, mergePeerBitmap, restoreFromPeer } from './split-brain'
 
 /** Dirty-bitmap granularity: 64 KiB regions cost 2 MiB of bitmap per TiB. */
 export const REGION_BYTES = 64 * 1024;
+/** A target failing to record the resolve this many times in a row: ERROR, for the admin (client
+ *  writes held by a restore then fail instead of waiting without bound). */
+const RESOLVE_FAILURES_MAX = 3;
 /** Largest copy chunk, and how many may be in flight: bounds the copier's memory to 8 MiB. */
 const CHUNK_BYTES_MAX = 1024 * 1024;
 const CHUNKS_IN_FLIGHT_MAX = 8;
@@ -180,6 +183,8 @@ export class Mirror implements VolumeReplica {
    *  cleared only once the local device is flushed (a lost cache must not leave them clean). */
   private restoredUnflushed: DirtyBitmap | null = null;
   private restoredBytes = 0;
+  /** Resolves the target failed to record in a row (RESOLVE_FAILURES_MAX: ERROR). */
+  private resolveFailures = 0;
 
   constructor(options: MirrorOptions) {
     this.options = options;
@@ -195,10 +200,14 @@ export class Mirror implements VolumeReplica {
     this.backoff = new ExponentialBackoff({ baseMs: options.timing.backoffBaseMs, maxMs: options.timing.backoffMaxMs, random: Math.random });
     this.rateLimit = this.record.maxRateBytesPerSec === null ? undefined : new RateLimit(this.record.maxRateBytesPerSec, CHUNK_BYTES_MAX);
     this.deadline = new SyncDeadline(() => syncPolicyOf(this.record).syncTimeoutMs, (count, waitedMs) => this.syncTimedOut(count, waitedMs));
-    if (this.record.error !== null) {
-      // Restored across a restart: ERROR waits for the admin, with the reason it had.
+    const restoredError = this.record.error;
+    if (restoredError !== null) {
+      // Restored across a restart: ERROR waits for the admin, with the reason it had. A choice
+      // left from before (see onTransition) is dropped in memory only: the manager has not
+      // registered this mirror yet, so nothing may be persisted from here.
+      if (this.record.resolve !== undefined) this.record = { ...this.record, resolve: undefined };
       this.machine.fire({ type: 'start', reason: 'restoring the state saved before the restart' });
-      this.machine.fire({ type: 'validationFailed', code: this.record.error.code, reason: `${this.record.error.reason} (before the restart)` });
+      this.machine.fire({ type: 'validationFailed', code: restoredError.code, reason: `${restoredError.reason} (before the restart)` });
     }
   }
 
@@ -306,6 +315,7 @@ export class Mirror implements VolumeReplica {
       throw new MirrorError('BM_ERR_MIRROR_COMMAND_NOT_ALLOWED', `resolve is not allowed: the mirror is in ERROR ${this.record.error?.code ?? ''}, not in a split brain`);
     }
     this.update({ resolve: discard, suspended: false });
+    this.resolveFailures = 0;
     this.machine.fire({ type: 'adminResume', reason: `split brain: resolve --discard ${discard} by the admin` });
     this.backoff.reset();
     this.wakeup.notify();
@@ -410,11 +420,13 @@ export class Mirror implements VolumeReplica {
   // --- VolumeReplica -------------------------------------------------------------------------
 
   admit(): Promise<void> | void {
+    if (this.stopping && this.releaseOnStop) return; // removed: nothing is held any more
     if (this.restorePending()) return this.waitForRestore().then(() => this.admit());
-    if (this.mustHold()) return this.hold();
+    // Asked again once released: a restore may have begun while the write was held.
+    if (this.mustHold()) return this.hold().then(() => this.admit());
   }
 
-  replicateWrite(offsetBytes: number, data: Buffer, fua: boolean, local: Promise<void>): Promise<void> {
+  replicateWrite(offsetBytes: number, data: Buffer, fua: boolean, local: Promise<void>, restore = false): Promise<void> {
     if (this.restoring.has(data.buffer)) {
       // Our own restore: once written and flushed, the source holds the target's bytes there.
       // Noted here, under the range lock, so a client write after it takes the region out again.
@@ -426,7 +438,7 @@ export class Mirror implements VolumeReplica {
     }
     this.forgetRestored(offsetBytes, data.length);
     if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, data.length, data, local);
-    return this.forward(offsetBytes, data.length, local, (link, ordered) => link.write(offsetBytes, data, data.length, fua, ordered));
+    return this.forward(offsetBytes, data.length, local, (link, ordered) => link.write(offsetBytes, data, data.length, fua, ordered), !restore);
   }
 
   replicateZeroes(offsetBytes: number, lengthBytes: number, fua: boolean, local: Promise<void>): Promise<void> {
@@ -460,7 +472,8 @@ export class Mirror implements VolumeReplica {
     return state === 'REPLICATE' || state === 'OUTOFSYNC' || state === 'INSYNC' ? link : null;
   }
 
-  private forward(offsetBytes: number, lengthBytes: number, local: Promise<void>, send: (link: SourceLink, ordered: boolean) => Promise<SendResult>): Promise<void> {
+  /** `mayHold` false: a strict mirror does not hold this write (another mirror's restore). */
+  private forward(offsetBytes: number, lengthBytes: number, local: Promise<void>, send: (link: SourceLink, ordered: boolean) => Promise<SendResult>, mayHold = true): Promise<void> {
     const link = this.liveLink();
     // In INSYNC every write is forwarded, even into a region a rare race left dirty: what the
     // client is told is on the target must be there. While copying, a region not yet copied is
@@ -469,7 +482,7 @@ export class Mirror implements VolumeReplica {
     // Stack mode never forwards: the write only marks its regions, which the copier ships.
     if (link === null || behind || this.record.mode === 'stack') {
       this.markDirty(offsetBytes, lengthBytes);
-      return this.settle(local, offsetBytes, lengthBytes, Promise.resolve<SendResult>('lost'), false);
+      return this.settle(local, offsetBytes, lengthBytes, Promise.resolve<SendResult>('lost'), false, mayHold);
     }
     this.sent.liveWrites++;
     this.sent.liveBytes += lengthBytes;
@@ -487,7 +500,7 @@ export class Mirror implements VolumeReplica {
       }
       return result;
     });
-    return this.settle(local, offsetBytes, lengthBytes, sent, true);
+    return this.settle(local, offsetBytes, lengthBytes, sent, true, mayHold);
   }
 
   /**
@@ -556,7 +569,7 @@ export class Mirror implements VolumeReplica {
     return this.record.asyncBufferBytes ?? asyncBufferBytesDefault;
   }
 
-  private async settle(local: Promise<void>, offsetBytes: number, lengthBytes: number, sent: Promise<SendResult>, forwarded: boolean): Promise<void> {
+  private async settle(local: Promise<void>, offsetBytes: number, lengthBytes: number, sent: Promise<SendResult>, forwarded: boolean, mayHold = true): Promise<void> {
     let localFailed = false;
     await local.catch(() => {
       localFailed = true;
@@ -566,7 +579,7 @@ export class Mirror implements VolumeReplica {
     // Again after the local write: a copy that read the region before it finished must not be
     // the last word; and when the local write failed, the target may hold bytes we do not.
     this.markDirty(offsetBytes, lengthBytes);
-    if (!localFailed) await this.holdWhileUnprotected(offsetBytes, lengthBytes, forwarded);
+    if (!localFailed && mayHold) await this.holdWhileUnprotected(offsetBytes, lengthBytes, forwarded);
   }
 
   /** Forwarded writes or flushes waited longer than --sync-timeout. suspend: cut the link, so
@@ -933,6 +946,9 @@ export class Mirror implements VolumeReplica {
     if (result === 'failed' && link.lastTargetStatus === 'STATUS_READ_ONLY') {
       return severe(`split brain: ${sides}; the target refused to resolve: it was promoted again`);
     }
+    if (result === 'failed' && ++this.resolveFailures >= RESOLVE_FAILURES_MAX) {
+      return severe(`split brain: ${sides}; the target failed to record the resolve ${this.resolveFailures} times in a row (${link.lastTargetStatus ?? 'an error'}): see its log, then run mirror resolve again`);
+    }
     if (result === 'failed') {
       // The target could not record the resolve (its state dir, say): nothing was lost on
       // either side and every step is idempotent, so retry with backoff like a lost link.
@@ -941,6 +957,7 @@ export class Mirror implements VolumeReplica {
       if (this.machine.state === 'READY') this.fire({ type: 'transientFailure', code: 'BM_ERR_TARGET_IO', reason: `the target failed to record the resolve (${link.lastTargetStatus ?? 'an error'}); retrying` });
       return false;
     }
+    this.resolveFailures = 0;
     this.splitBrainResolved();
     this.logger.warn({ discard, dirtyBytes: this.dirty.dirtyBytes(), restoredBytes: this.restoredBytes }, 'split brain resolved');
     return true;
@@ -951,6 +968,11 @@ export class Mirror implements VolumeReplica {
   private async restore(link: SourceLink): Promise<'ok' | 'lost'> {
     // Durable before the first restored byte: a restart must go on holding client writes.
     if (this.record.restoring !== true) this.update({ restoring: true });
+    // Client changes let in before that may still be on their way to the device: the restore
+    // starts after them, so none lands in a region already restored (a retry would overwrite
+    // it). Bounded by the link: a change held by something else must not stall us for ever.
+    const drained = await Promise.race([this.volume.drainAdmitted().then(() => true), new Promise<boolean>((resolve) => link.onClose(() => resolve(false)))]);
+    if (!drained || !link.isOpen || this.stopping) return 'lost';
     const restored = new DirtyBitmap(this.dirty.sizeBytes, REGION_BYTES);
     this.restoredUnflushed = restored;
     try {

@@ -58,9 +58,10 @@ export function mergePeerBitmap(parts: readonly BitmapPart[], peerSizeBytes: num
 
 export interface RestoreOptions {
   link: SourceLink;
-  /** What to restore: every dirty region (the union). Bits are cleared by `write`. */
+  /** What to restore: every dirty region (the union), read once in offset order. The caller
+   *  clears the bits once the restored bytes are durable. */
   dirty: DirtyBitmap;
-  /** Writes restored bytes to the source volume (clearing their bits under its range lock). */
+  /** Writes restored bytes to the source volume. */
   write: (offsetBytes: number, data: Buffer) => Promise<void>;
   chunkBytesMax: number;
   chunksInFlightMax: number;

@@ -15,7 +15,9 @@ export interface VolumeReplica {
   /** `local` settles when the local write finished. The result settles when the replica is
    *  done with the write: acknowledged by the target, or recorded as dirty for a later resync.
    *  It rejects only when the client must see an error (a strict mirror shutting down). */
-  replicateWrite(offsetBytes: number, data: Buffer, fua: boolean, local: Promise<void>): Promise<void>;
+  /** `restore`: bytes another mirror restores from its target (split brain, --discard this):
+   *  never held, since a strict mirror holding it would stall that restore. */
+  replicateWrite(offsetBytes: number, data: Buffer, fua: boolean, local: Promise<void>, restore?: boolean): Promise<void>;
   replicateZeroes(offsetBytes: number, lengthBytes: number, fua: boolean, local: Promise<void>): Promise<void>;
   /** Everything the replica acknowledged before is durable on the target (or the target is
    *  unreachable and the affected regions are recorded dirty). */
@@ -45,6 +47,8 @@ export interface ReplicaSource {
   restoreWrite(offsetBytes: number, data: Buffer): Promise<void>;
   /** Makes every completed write durable on the local device (not the mirrors). */
   flushLocal(): Promise<void>;
+  /** Resolves once every client change that passed admit() has finished. */
+  drainAdmitted(): Promise<void>;
 }
 
 /** What the mirror service needs of a target (mirror) volume. */

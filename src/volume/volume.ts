@@ -78,6 +78,9 @@ export class Volume implements BlockBackend {
   };
   private inFlightOps = 0;
   private drainWaiters: Array<() => void> = [];
+  /** Client changes past admitReplicas and not yet done (drainAdmitted). */
+  private admittedChanges = 0;
+  private admittedWaiters: Array<() => void> = [];
   private closing: Promise<void> | undefined;
   /** Set when a write or flush failed on the device: what was acknowledged before may not be
    *  durable, and a later flush cannot make it so (the kernel forgets a failed writeback). The
@@ -316,7 +319,8 @@ export class Volume implements BlockBackend {
         if (aligned) return this.deviceWrite(offsetBytes, data, fua);
         return this.readModifyWriteUnlocked(offsetBytes, data.length, fua, (span, headBytes) => data.copy(span, headBytes));
       },
-      (replica, local) => replica.replicateWrite(offsetBytes, data, fua, local),
+      // Only a restore skips admission (restoreWrite): other mirrors must not hold it either.
+      (replica, local) => replica.replicateWrite(offsetBytes, data, fua, local, !admit),
       admit,
     );
   }
@@ -348,7 +352,23 @@ export class Volume implements BlockBackend {
     hand: (replica: VolumeReplica, local: Promise<void>) => Promise<void>,
     admit = true,
   ): Promise<void> {
-    if (admit) await this.admitReplicas();
+    if (!admit) return this.changeReplicatedAdmitted(offsetBytes, lengthBytes, change, hand);
+    await this.admitReplicas();
+    this.admittedChanges++;
+    try {
+      await this.changeReplicatedAdmitted(offsetBytes, lengthBytes, change, hand);
+    } finally {
+      this.admittedChanges--;
+      if (this.admittedChanges === 0) for (const resolve of this.admittedWaiters.splice(0)) resolve();
+    }
+  }
+
+  private async changeReplicatedAdmitted(
+    offsetBytes: number,
+    lengthBytes: number,
+    change: () => Promise<void>,
+    hand: (replica: VolumeReplica, local: Promise<void>) => Promise<void>,
+  ): Promise<void> {
     this.checkDeviceWritable();
     const intent = this.writeIntent;
     if (intent !== undefined) {
@@ -360,6 +380,13 @@ export class Volume implements BlockBackend {
     } finally {
       intent?.release(offsetBytes, lengthBytes);
     }
+  }
+
+  /** Resolves once no client change that passed admission is still running. A mirror that
+   *  starts holding new changes at admit() (a restore) waits here for those let in before. */
+  drainAdmitted(): Promise<void> {
+    if (this.admittedChanges === 0) return Promise.resolve();
+    return new Promise((resolve) => this.admittedWaiters.push(resolve));
   }
 
   private async changeReplicatedRecorded(
@@ -409,7 +436,19 @@ export class Volume implements BlockBackend {
 
   /** A replica in strict mode may hold new writes while its mirror is unprotected. */
   private async admitReplicas(): Promise<void> {
-    for (const replica of this.replicas) await replica.admit();
+    // Again after any wait: while one replica held the change another may have begun holding
+    // (a restore), and its admit() must be asked after that.
+    for (;;) {
+      let waited = false;
+      for (const replica of this.replicas) {
+        const admitted = replica.admit();
+        if (admitted !== undefined) {
+          waited = true;
+          await admitted;
+        }
+      }
+      if (!waited) return;
+    }
   }
 
   async flush(): Promise<void> {

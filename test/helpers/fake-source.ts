@@ -94,7 +94,7 @@ export class FakeSource implements ReplicaSource {
     const local = Promise.resolve().then(() => {
       data.copy(this.data, offsetBytes);
     });
-    const replicated = Promise.allSettled(this.replicas.map((replica) => replica.replicateWrite(offsetBytes, data, false, local)));
+    const replicated = Promise.allSettled(this.replicas.map((replica) => replica.replicateWrite(offsetBytes, data, false, local, true)));
     try {
       await local;
     } finally {
@@ -115,6 +115,23 @@ export class FakeSource implements ReplicaSource {
   async write(offsetBytes: number, payload: Buffer, options: { localMs?: number; localFails?: boolean } = {}): Promise<void> {
     const { localMs = 0, localFails = false } = options;
     for (const replica of this.replicas) await replica.admit();
+    this.admitted++;
+    try {
+      await this.writeAdmitted(offsetBytes, payload, localMs, localFails);
+    } finally {
+      if (--this.admitted === 0) for (const resolve of this.admittedWaiters.splice(0)) resolve();
+    }
+  }
+
+  drainAdmitted(): Promise<void> {
+    if (this.admitted === 0) return Promise.resolve();
+    return new Promise((resolve) => this.admittedWaiters.push(resolve));
+  }
+
+  private admitted = 0;
+  private admittedWaiters: Array<() => void> = [];
+
+  private async writeAdmitted(offsetBytes: number, payload: Buffer, localMs: number, localFails: boolean): Promise<void> {
     const unlock = await this.lock();
     const local = new Promise<void>((resolve, reject) =>
       setTimeout(() => {

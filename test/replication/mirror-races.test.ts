@@ -5,7 +5,8 @@
 // mirror's held write when the target forgot the generation, one write the target never
 // finishes while others are acknowledged, a source read failing during the copy, a sync write
 // overtaking async writes still in flight after a mode switch, and restored regions counted
-// clean before the restore was flushed, and a target failing to record a resolve. A real Mirror and ReplicationServer run in-process
+// clean before the restore was flushed, a target failing to record a resolve (client writes
+// held across the retry), and a mirror loaded in ERROR persisting from its constructor. A real Mirror and ReplicationServer run in-process
 // over 127.0.0.1 with in-memory volumes
 // (test/helpers/fake-source.ts); link cuts go through test/helpers/tcp-proxy.ts.
 import t from 'tap';
@@ -465,30 +466,65 @@ t.test('resolve --discard this: the restored regions stay dirty until the source
   t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
 
-t.test('resolve: a target that fails to record the resolve (I/O error) is retried, not left in ERROR', async (t) => {
+t.test('resolve --discard this: a target that fails to record the resolve (I/O error) is retried, with client writes held until it succeeds', async (t) => {
   const { logger, logs } = captureLogger();
   const target = new FakeTarget();
   target.data.fill(0xee);
   const bits = new DirtyBitmap(SIZE_BYTES, REGION_BYTES);
   bits.setRange(0, 256 * KiB);
   let divergence: VolumeDivergence | undefined = { generation: 78, promoted: false, bits };
-  let failures = 1;
+  const W = randomBytes(4 * KiB);
+  let clientWrite: Promise<void> | undefined;
+  let clientDone = false;
+  let doneAtRetry: boolean | undefined;
+  let calls = 0;
   const { port } = await startTarget(t, target, {
     logger,
     divergence: () => divergence,
     resolveDivergence: async () => {
-      if (failures-- > 0) throw Object.assign(new Error('writing the registry failed (test)'), { code: 'BM_ERR_STATE_WRITE' });
+      calls++;
+      if (calls === 1) {
+        // The restore is complete and not acknowledged: a client write now must wait, or the
+        // retry would restore over it.
+        clientWrite = source.write(64 * KiB, W).finally(() => (clientDone = true));
+        await sleep(50);
+        throw Object.assign(new Error('writing the registry failed (test)'), { code: 'BM_ERR_STATE_WRITE' });
+      }
+      doneAtRetry = clientDone;
       divergence = undefined;
     },
   });
   const source = new FakeSource();
   const { mirror } = startMirror(t, source, () => port, { logger, record: { fullCopyDone: true, error: { code: 'BM_ERR_SPLIT_BRAIN', reason: 'split brain (test)' } } });
-  mirror.resolve('peer');
-  await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0, 'INSYNC after the retried resolve');
-  const retried = mirror.info().history.find((entry) => entry.event === 'transientFailure');
-  t.ok(retried !== undefined, `the failed resolve went to RESET and was retried: ${JSON.stringify(retried)}`);
-  t.notOk(mirror.info().history.some((entry) => entry.to === 'ERROR'), 'no ERROR after the failed resolve: the admin did not have to act again');
-  t.equal(divergence, undefined, 'the target resolved its divergence on the retry');
-  t.ok(source.data.equals(target.data), 'discard peer: the target holds the source\'s bytes');
+  const logsBefore = logs.length;
+  mirror.resolve('this');
+  await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0 && clientDone, 'INSYNC after the retried resolve, client write done');
+  await clientWrite;
+  t.equal(calls, 2, 'the resolve was retried once');
+  t.equal(doneAtRetry, false, 'the client write was still waiting when the retry reached the target');
+  const transitions = logs.slice(logsBefore).map((line) => line.msg).filter((msg) => /^mirror \w+ -> \w+$/.test(msg));
+  t.ok(transitions.includes('mirror READY -> RESET'), `the failed resolve went READY -> RESET: ${transitions.join(', ')}`);
+  t.notOk(transitions.some((msg) => msg.endsWith('-> ERROR')), 'and never to ERROR');
+  t.ok(slice(source.data, 64 * KiB, W.length).equals(W), 'the client write survived the retried restore');
+  await waitFor(() => source.data.equals(target.data), 'source == target');
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});
+
+t.test('a mirror loaded in ERROR with a resolve choice left from before forgets it without persisting from its constructor', async (t) => {
+  // The manager registers a mirror only after constructing it: a persist from the constructor
+  // would rewrite mirrors.json without it (and without every mirror loaded after it).
+  const { logger, logs } = captureLogger();
+  const source = new FakeSource();
+  let persisted = 0;
+  const splitBrain = { detectedAt: new Date().toISOString(), peerDivergedBytes: 65536, peerPromoted: true, localDirtyBytes: 0 };
+  const { mirror } = startMirror(t, source, () => 1, {
+    logger,
+    record: { fullCopyDone: true, error: { code: 'BM_ERR_SPLIT_BRAIN', reason: 'the target was promoted again (test)' }, resolve: 'this', splitBrain },
+    persist: () => persisted++,
+  });
+  await sleep(100);
+  t.equal(mirror.info().state, 'ERROR', 'ERROR, as saved');
+  t.equal(mirror.info().splitBrain?.resolving, null, 'the old choice is not applied to the next attempt');
+  t.equal(persisted, 0, 'nothing persisted while loading');
   t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
