@@ -316,6 +316,9 @@ t.test('SIGKILL of the source in the middle of resolve --discard this: the resta
   t.comment(`source SIGKILLed ${killAfterMs} ms after the resolve (state ${atKill?.state}, ${atKill?.received?.restoreBytes ?? '?'} bytes restored)`);
   const restarted = await status(pair);
   t.ok(restarted.splitBrain === null || restarted.splitBrain.resolving === 'this', `after the restart the choice is kept or already done: ${JSON.stringify(restarted.splitBrain)}`);
+  if ((atKill?.received?.restoreBytes ?? 0) > 0 && restarted.splitBrain !== null) {
+    t.equal(restarted.splitBrain.restoring, true, 'the restore had begun: after the restart client writes are still held (restoring)');
+  }
   const done = await waitStatus(pair, (s) => s.state === 'INSYNC' && s.dirtyBytes === 0, 'INSYNC after the restarted resolve', 30_000);
   t.equal(done.splitBrain, null, 'resolved');
   const after = await hashes(pair);
