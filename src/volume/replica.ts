@@ -9,14 +9,17 @@
 import type { BlockBackendInfo, ReadResult } from './backend';
 
 export interface VolumeReplica {
-  /** Resolves when a new client write may start. A strict (on-disconnect block) mirror holds
-   *  writes here while it is unprotected; others resolve at once. */
+  /** Undefined when a new client write may start now, else a promise that settles when it may
+   *  (or rejects with the error the client gets). A strict (on-disconnect block) mirror holds
+   *  writes here while it is unprotected, a restoring one while it restores. The volume asks
+   *  every replica again after any wait, so returning a promise when not holding (even a
+   *  settled one) would make it ask for ever. */
   admit(): Promise<void> | void;
   /** `local` settles when the local write finished. The result settles when the replica is
    *  done with the write: acknowledged by the target, or recorded as dirty for a later resync.
-   *  It rejects only when the client must see an error (a strict mirror shutting down). */
-  /** `restore`: bytes another mirror restores from its target (split brain, --discard this):
-   *  never held, since a strict mirror holding it would stall that restore. */
+   *  It rejects only when the client must see an error (a strict mirror shutting down).
+   *  `restore`: bytes a mirror restores from its target (split brain, --discard this), not a
+   *  client's: never held (a strict mirror holding it would stall that restore). */
   replicateWrite(offsetBytes: number, data: Buffer, fua: boolean, local: Promise<void>, restore?: boolean): Promise<void>;
   replicateZeroes(offsetBytes: number, lengthBytes: number, fua: boolean, local: Promise<void>): Promise<void>;
   /** Everything the replica acknowledged before is durable on the target (or the target is

@@ -234,7 +234,7 @@ export class Volume implements BlockBackend {
     } catch (error) {
       return Promise.reject(error);
     }
-    return this.writeReplicated(offsetBytes, data, false, false);
+    return this.writeReplicated(offsetBytes, data, false, true);
   }
 
   /** Promotes a mirror volume (writable to NBD clients, closed to the mirror service) or demotes
@@ -299,16 +299,20 @@ export class Volume implements BlockBackend {
    * window: overlapping writes reach the local device and every mirror in the same order, and
    * a mirror's copy read (readForCopy) falls wholly before or after each write.
    */
-  private async writeReplicated(offsetBytes: number, data: Buffer, fua: boolean, admit = true): Promise<void> {
-    // A very long write (the NBD payload limit allows up to 1 GiB) goes in pieces, like zeroing.
-    for (let done = 0; done < data.length; ) {
-      const end = data.length - done <= REPLICATED_CHANGE_BYTES_MAX ? data.length : this.alignDown(offsetBytes + done + REPLICATED_CHANGE_BYTES_MAX) - offsetBytes;
-      await this.writeReplicatedPiece(offsetBytes + done, data.subarray(done, end), fua, admit);
-      done = end;
-    }
+  private async writeReplicated(offsetBytes: number, data: Buffer, fua: boolean, restore = false): Promise<void> {
+    const pieces = async (): Promise<void> => {
+      // A very long write (the NBD payload limit allows up to 1 GiB) goes in pieces, like zeroing.
+      for (let done = 0; done < data.length; ) {
+        const end = data.length - done <= REPLICATED_CHANGE_BYTES_MAX ? data.length : this.alignDown(offsetBytes + done + REPLICATED_CHANGE_BYTES_MAX) - offsetBytes;
+        await this.writeReplicatedPiece(offsetBytes + done, data.subarray(done, end), fua, restore);
+        done = end;
+      }
+    };
+    // A restore does not wait in admit(): the restoring mirror holds the clients' writes there.
+    return restore ? pieces() : this.admitted(pieces);
   }
 
-  private writeReplicatedPiece(offsetBytes: number, data: Buffer, fua: boolean, admit: boolean): Promise<void> {
+  private writeReplicatedPiece(offsetBytes: number, data: Buffer, fua: boolean, restore: boolean): Promise<void> {
     const aligned = this.isAligned(offsetBytes, data.length);
     return this.changeReplicated(
       offsetBytes,
@@ -319,51 +323,45 @@ export class Volume implements BlockBackend {
         if (aligned) return this.deviceWrite(offsetBytes, data, fua);
         return this.readModifyWriteUnlocked(offsetBytes, data.length, fua, (span, headBytes) => data.copy(span, headBytes));
       },
-      // Only a restore skips admission (restoreWrite): other mirrors must not hold it either.
-      (replica, local) => replica.replicateWrite(offsetBytes, data, fua, local, !admit),
-      admit,
+      (replica, local) => replica.replicateWrite(offsetBytes, data, fua, local, restore),
     );
   }
 
   /** Zeroing (and trim, which becomes zeroing) while mirrors are attached; ordered like writes.
    *  A long range goes in pieces, so one change never spans more than the write-intent log
    *  holds (NBD makes no promise about how a zeroing overlaps concurrent writes). */
-  private async writeZeroesReplicated(offsetBytes: number, lengthBytes: number, options: WriteZeroesOptions): Promise<void> {
+  private writeZeroesReplicated(offsetBytes: number, lengthBytes: number, options: WriteZeroesOptions): Promise<void> {
     const endBytes = offsetBytes + lengthBytes;
-    for (let pieceBytes = offsetBytes; pieceBytes < endBytes; ) {
-      const pieceEnd = endBytes - pieceBytes <= REPLICATED_CHANGE_BYTES_MAX ? endBytes : this.alignDown(pieceBytes + REPLICATED_CHANGE_BYTES_MAX);
-      const start = pieceBytes;
-      await this.changeReplicated(
-        start,
-        pieceEnd - start,
-        () => this.zeroUnlocked(start, pieceEnd - start, options),
-        (replica, local) => replica.replicateZeroes(start, pieceEnd - start, options.fua, local),
-      );
-      pieceBytes = pieceEnd;
-    }
+    return this.admitted(async () => {
+      for (let pieceBytes = offsetBytes; pieceBytes < endBytes; ) {
+        const pieceEnd = endBytes - pieceBytes <= REPLICATED_CHANGE_BYTES_MAX ? endBytes : this.alignDown(pieceBytes + REPLICATED_CHANGE_BYTES_MAX);
+        const start = pieceBytes;
+        await this.changeReplicated(
+          start,
+          pieceEnd - start,
+          () => this.zeroUnlocked(start, pieceEnd - start, options),
+          (replica, local) => replica.replicateZeroes(start, pieceEnd - start, options.fua, local),
+        );
+        pieceBytes = pieceEnd;
+      }
+    });
   }
 
-  /** Runs one change of [offset, offset + length) locally and hands it to every replica, under
-   *  the exclusive lock of its sector span (the ordering contract of replica.ts). */
-  private async changeReplicated(
-    offsetBytes: number,
-    lengthBytes: number,
-    change: () => Promise<void>,
-    hand: (replica: VolumeReplica, local: Promise<void>) => Promise<void>,
-    admit = true,
-  ): Promise<void> {
-    if (!admit) return this.changeReplicatedAdmitted(offsetBytes, lengthBytes, change, hand);
-    await this.admitReplicas();
-    this.admittedChanges++;
+  /** Runs one client operation (all its pieces) once every replica admitted it, counted until
+   *  it is done (drainAdmitted). */
+  private async admitted(run: () => Promise<void>): Promise<void> {
+    await this.admitReplicas(); // counts the operation in the same step as the last admit() pass
     try {
-      await this.changeReplicatedAdmitted(offsetBytes, lengthBytes, change, hand);
+      await run();
     } finally {
       this.admittedChanges--;
       if (this.admittedChanges === 0) for (const resolve of this.admittedWaiters.splice(0)) resolve();
     }
   }
 
-  private async changeReplicatedAdmitted(
+  /** Runs one change of [offset, offset + length) locally and hands it to every replica, under
+   *  the exclusive lock of its sector span (the ordering contract of replica.ts). */
+  private async changeReplicated(
     offsetBytes: number,
     lengthBytes: number,
     change: () => Promise<void>,
@@ -434,7 +432,8 @@ export class Volume implements BlockBackend {
     return result;
   }
 
-  /** A replica in strict mode may hold new writes while its mirror is unprotected. */
+  /** A replica in strict mode may hold new writes while its mirror is unprotected, and a
+   *  restoring one holds them all. On return the operation is counted as admitted. */
   private async admitReplicas(): Promise<void> {
     // Again after any wait: while one replica held the change another may have begun holding
     // (a restore), and its admit() must be asked after that.
@@ -447,7 +446,12 @@ export class Volume implements BlockBackend {
           await admitted;
         }
       }
-      if (!waited) return;
+      if (!waited) {
+        // Counted before anything else runs: a restore that begins holding from here on
+        // (drainAdmitted) must see this change.
+        this.admittedChanges++;
+        return;
+      }
     }
   }
 

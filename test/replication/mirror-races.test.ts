@@ -528,3 +528,36 @@ t.test('a mirror loaded in ERROR with a resolve choice left from before forgets 
   t.equal(persisted, 0, 'nothing persisted while loading');
   t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
+
+t.test('resolve --discard this: a target that keeps failing to record the resolve: ERROR after 3 tries, and the held client write fails with EIO', async (t) => {
+  const { logger, logs } = captureLogger();
+  const target = new FakeTarget();
+  target.data.fill(0xee);
+  const bits = new DirtyBitmap(SIZE_BYTES, REGION_BYTES);
+  bits.setRange(0, 128 * KiB);
+  const divergence: VolumeDivergence = { generation: 79, promoted: false, bits };
+  let calls = 0;
+  let clientWrite: Promise<string> | undefined;
+  const { port } = await startTarget(t, target, {
+    logger,
+    divergence: () => divergence,
+    resolveDivergence: async () => {
+      calls++;
+      clientWrite ??= source.write(64 * KiB, randomBytes(4 * KiB)).then(
+        () => 'ok',
+        (error: NodeJS.ErrnoException) => error.code ?? error.message,
+      );
+      throw Object.assign(new Error('the state dir is read-only (test)'), { code: 'BM_ERR_STATE_WRITE' });
+    },
+  });
+  const source = new FakeSource();
+  const { mirror } = startMirror(t, source, () => port, { logger, record: { fullCopyDone: true, error: { code: 'BM_ERR_SPLIT_BRAIN', reason: 'split brain (test)' } } });
+  mirror.resolve('this');
+  await waitFor(() => mirror.info().state === 'ERROR' && calls > 0, 'ERROR after the failed resolves');
+  t.equal(calls, 3, 'tried 3 times');
+  t.equal(mirror.info().error?.code, 'BM_ERR_SPLIT_BRAIN');
+  t.match(mirror.info().error?.reason, /failed to record the resolve 3 times/, `the reason says so: ${mirror.info().error?.reason}`);
+  t.equal(await clientWrite, 'EIO', 'the client write held by the restore fails with EIO instead of waiting without bound');
+  t.equal(mirror.info().splitBrain?.restoring, true, 'still restoring: a later resolve must complete before writes go on');
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});

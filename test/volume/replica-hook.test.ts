@@ -24,6 +24,8 @@ interface DataCall {
   fua: boolean;
   /** A copy of the payload as handed over (writes only). */
   data?: Buffer;
+  /** Handed as a mirror's restore (restoreWrite), not a client write. */
+  restore?: boolean;
   local: Promise<void>;
   localDone: boolean;
   /** Snapshot, taken when this call was made, of whether each earlier data call's local I/O had finished. */
@@ -47,8 +49,8 @@ class FakeReplica implements VolumeReplica {
     return this.admitGate;
   }
 
-  replicateWrite(offsetBytes: number, data: Buffer, fua: boolean, local: Promise<void>): Promise<void> {
-    return this.record({ kind: 'write', offsetBytes, lengthBytes: data.length, fua, data: Buffer.from(data), local });
+  replicateWrite(offsetBytes: number, data: Buffer, fua: boolean, local: Promise<void>, restore = false): Promise<void> {
+    return this.record({ kind: 'write', offsetBytes, lengthBytes: data.length, fua, data: Buffer.from(data), local, restore });
   }
 
   replicateZeroes(offsetBytes: number, lengthBytes: number, fua: boolean, local: Promise<void>): Promise<void> {
@@ -327,6 +329,53 @@ t.test('admit() holding a write delays its local write', async (t) => {
   replica.admitGate = undefined;
   t.ok((await readBack(volume, 4 * KiB, 8 * KiB)).equals(data), 'device unchanged by the refused write');
   t.equal(replica.calls.length, 2, 'the refused write was not forwarded');
+});
+
+t.test('admission is asked again after any wait; drainAdmitted waits for what was let in; a restore skips admission', async (t) => {
+  const volume = openVolume(t);
+  const a = new FakeReplica();
+  const b = new FakeReplica();
+  volume.attachReplica(a);
+  volume.attachReplica(b);
+  // a lets the write in, b holds it; meanwhile a begins holding (a restore starting): once b
+  // lets go, a must be asked again.
+  const gateB = deferred();
+  b.admitGate = gateB.promise;
+  const write = volume.write(0, randomBytes(4 * KiB), false);
+  t.notOk(await settlesWithin(write, 40), 'held by b');
+  const gateA = deferred();
+  a.admitGate = gateA.promise;
+  b.admitGate = undefined;
+  gateB.resolve();
+  t.notOk(await settlesWithin(write, 40), 'still held: a was asked again after b let go');
+  a.admitGate = undefined;
+  gateA.resolve();
+  await write;
+  t.equal(a.calls.length, 1, 'written once both let it in');
+
+  // A write let in and still running (b slow to answer) keeps drainAdmitted pending.
+  const slow = deferred();
+  b.respond = () => slow.promise;
+  const running = volume.write(64 * KiB, randomBytes(4 * KiB), false);
+  await waitFor(() => b.calls.length === 2, 'the second write handed to b');
+  const drained = volume.drainAdmitted();
+  t.notOk(await settlesWithin(drained, 40), 'drainAdmitted waits for the admitted write');
+  slow.resolve();
+  await running;
+  t.ok(await settlesWithin(drained, 200), 'and settles once it is done');
+  b.respond = () => undefined;
+
+  // A restore is not a client write: it does not wait in admit() and is handed over as such.
+  const holding = deferred();
+  a.admitGate = holding.promise;
+  const admitsBefore = a.admits;
+  await volume.restoreWrite(128 * KiB, allocAligned(4 * KiB, 4096).fill(7));
+  t.equal(a.admits, admitsBefore, 'restoreWrite does not ask admit()');
+  t.equal(a.calls.at(-1)?.restore, true, 'handed with restore = true');
+  t.equal(b.calls.at(-1)?.restore, true, 'to every replica');
+  t.equal(a.calls[0]?.restore, false, 'client writes are handed with restore = false');
+  a.admitGate = undefined;
+  holding.resolve();
 });
 
 t.test('two replicas: both are handed every operation, the client waits for both', async (t) => {
