@@ -33,6 +33,19 @@ function slice(buffer: Buffer, offsetBytes: number, lengthBytes: number): Buffer
   return buffer.subarray(offsetBytes, offsetBytes + lengthBytes);
 }
 
+/** A target promoted and written while apart: 0xee everywhere, its divergence record covering
+ *  the first `dirtyBytes`. */
+function divergedTarget(dirtyBytes: number, generation: number): { target: FakeTarget; divergence: VolumeDivergence } {
+  const target = new FakeTarget();
+  target.data.fill(0xee);
+  const bits = new DirtyBitmap(SIZE_BYTES, REGION_BYTES);
+  bits.setRange(0, dirtyBytes);
+  return { target, divergence: { generation, promoted: false, bits } };
+}
+
+/** A mirror record saved in ERROR split brain, after its full copy. */
+const inSplitBrain = { fullCopyDone: true, error: { code: 'BM_ERR_SPLIT_BRAIN' as const, reason: 'split brain (test)' } };
+
 t.test('a target that does not answer within connectTimeoutMs (stalled path): RESET with BM_ERR_AUTH_TIMEOUT, retried until it answers in time', async (t) => {
   // (The target records a binding only at the first flush now, so the Hello itself cannot be
   // slowed from the target side; a stalled path times out the same connection step.)
@@ -438,11 +451,9 @@ t.test('async -> sync under load: a sync write acknowledged to the client is on 
 
 t.test('resolve --discard this: the restored regions stay dirty until the source device is flushed', async (t) => {
   const { logger, logs } = captureLogger();
-  const target = new FakeTarget();
-  target.data.fill(0xee); // what the promoted target's clients wrote
-  const bits = new DirtyBitmap(SIZE_BYTES, REGION_BYTES);
-  bits.setRange(0, 1024 * KiB);
-  let divergence: VolumeDivergence | undefined = { generation: 77, promoted: false, bits };
+  const diverged = divergedTarget(1024 * KiB, 77);
+  const target = diverged.target;
+  let divergence: VolumeDivergence | undefined = diverged.divergence;
   const { port } = await startTarget(t, target, {
     logger,
     divergence: () => divergence,
@@ -453,7 +464,7 @@ t.test('resolve --discard this: the restored regions stay dirty until the source
   const source = new FakeSource();
   source.data.fill(0x11);
   let dirtyAtFlush: number | undefined;
-  const { mirror } = startMirror(t, source, () => port, { logger, record: { fullCopyDone: true, error: { code: 'BM_ERR_SPLIT_BRAIN', reason: 'split brain (test)' } } });
+  const { mirror } = startMirror(t, source, () => port, { logger, record: inSplitBrain });
   source.onFlushLocal = () => {
     dirtyAtFlush ??= mirror.info().dirtyBytes;
   };
@@ -468,11 +479,9 @@ t.test('resolve --discard this: the restored regions stay dirty until the source
 
 t.test('resolve --discard this: a target that fails to record the resolve (I/O error) is retried, with client writes held until it succeeds', async (t) => {
   const { logger, logs } = captureLogger();
-  const target = new FakeTarget();
-  target.data.fill(0xee);
-  const bits = new DirtyBitmap(SIZE_BYTES, REGION_BYTES);
-  bits.setRange(0, 256 * KiB);
-  let divergence: VolumeDivergence | undefined = { generation: 78, promoted: false, bits };
+  const diverged = divergedTarget(256 * KiB, 78);
+  const target = diverged.target;
+  let divergence: VolumeDivergence | undefined = diverged.divergence;
   const W = randomBytes(4 * KiB);
   let clientWrite: Promise<void> | undefined;
   let clientDone = false;
@@ -495,7 +504,7 @@ t.test('resolve --discard this: a target that fails to record the resolve (I/O e
     },
   });
   const source = new FakeSource();
-  const { mirror } = startMirror(t, source, () => port, { logger, record: { fullCopyDone: true, error: { code: 'BM_ERR_SPLIT_BRAIN', reason: 'split brain (test)' } } });
+  const { mirror } = startMirror(t, source, () => port, { logger, record: inSplitBrain });
   const logsBefore = logs.length;
   mirror.resolve('this');
   await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0 && clientDone, 'INSYNC after the retried resolve, client write done');
@@ -531,11 +540,7 @@ t.test('a mirror loaded in ERROR with a resolve choice left from before forgets 
 
 t.test('resolve --discard this: a target that keeps failing to record the resolve: ERROR after 3 tries, and the held client write fails with EIO', async (t) => {
   const { logger, logs } = captureLogger();
-  const target = new FakeTarget();
-  target.data.fill(0xee);
-  const bits = new DirtyBitmap(SIZE_BYTES, REGION_BYTES);
-  bits.setRange(0, 128 * KiB);
-  const divergence: VolumeDivergence = { generation: 79, promoted: false, bits };
+  const { target, divergence } = divergedTarget(128 * KiB, 79);
   let calls = 0;
   let clientWrite: Promise<string> | undefined;
   const { port } = await startTarget(t, target, {
@@ -551,7 +556,7 @@ t.test('resolve --discard this: a target that keeps failing to record the resolv
     },
   });
   const source = new FakeSource();
-  const { mirror } = startMirror(t, source, () => port, { logger, record: { fullCopyDone: true, error: { code: 'BM_ERR_SPLIT_BRAIN', reason: 'split brain (test)' } } });
+  const { mirror } = startMirror(t, source, () => port, { logger, record: inSplitBrain });
   mirror.resolve('this');
   await waitFor(() => mirror.info().state === 'ERROR' && calls > 0, 'ERROR after the failed resolves');
   t.equal(calls, 3, 'tried 3 times');
