@@ -173,8 +173,9 @@ export class Mirror implements VolumeReplica {
   private asyncEpoch: { link: SourceLink | null; acknowledged: boolean } = { link: null, acknowledged: true };
   /** Split brain resolved with --discard this: from the first restored byte until the target
    *  acknowledged the Resolve (record.restoring, kept across link drops and restarts), client
-   *  writes wait at admit(). A retry restores the union again, so a client write let through
-   *  between two tries would be overwritten with the target's older bytes. */
+   *  writes wait at admit(). A retry restores the target's regions again (and whatever is still
+   *  dirty), so a client write let through between two tries would be overwritten with the
+   *  target's older bytes. */
   private restoreWaiters: Array<{ resolve: () => void; reject: (error: Error) => void }> = [];
   /** The restore's own writes, recognised by their memory (the volume hands replicas views of
    *  it, not the same Buffer object). */
@@ -685,7 +686,8 @@ export class Mirror implements VolumeReplica {
   }
 
   /** Client writes wait for the restore to complete; they fail at shutdown and while the
-   *  mirror is in ERROR (the admin must act: they would otherwise hang without bound). */
+   *  mirror is in ERROR or suspended (the admin must act: they would otherwise hang without
+   *  bound). */
   private waitForRestore(): Promise<void> {
     if (this.stopping) return this.releaseOnStop ? Promise.resolve() : Promise.reject(this.shutdownError());
     if (this.machine.state === 'ERROR' || this.record.suspended) return Promise.reject(this.restoreError());
