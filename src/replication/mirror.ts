@@ -28,6 +28,20 @@ import { bitmapPartsMax, mergePeerBitmap, restoreFromPeer } from './split-brain'
 
 /** Dirty-bitmap granularity: 64 KiB regions cost 2 MiB of bitmap per TiB. */
 export const REGION_BYTES = 64 * 1024;
+
+/** A client write held by the mirror (strict mode, or a restore), until released or failed. */
+interface Waiter {
+  resolve: () => void;
+  reject: (error: Error) => void;
+}
+
+/** Lets every waiter go on, or fails them all with `error`; the list is emptied first. */
+function releaseWaiters(waiters: Waiter[], error?: Error): void {
+  for (const waiter of waiters.splice(0)) {
+    if (error === undefined) waiter.resolve();
+    else waiter.reject(error);
+  }
+}
 /** A target failing to record the resolve this many times in a row: ERROR, for the admin (client
  *  writes held by a restore then fail instead of waiting without bound). */
 const RESOLVE_FAILURES_MAX = 3;
@@ -154,7 +168,7 @@ export class Mirror implements VolumeReplica {
   /** A severe failure seen on the data path, for the driver to act on. */
   private pendingSevere: { code: MirrorErrorCode; reason: string } | null = null;
   /** Writes held by a strict mirror until it is in sync again. */
-  private held: Array<{ resolve: () => void; reject: (error: Error) => void }> = [];
+  private readonly held: Waiter[] = [];
   private nextRetryAtMs: number | null = null;
   private lastTargetFlushMs = 0;
   private pass = { startMs: 0, copiedBytes: 0 };
@@ -176,7 +190,7 @@ export class Mirror implements VolumeReplica {
    *  writes wait at admit(). A retry restores the target's regions again (and whatever is still
    *  dirty), so a client write let through between two tries would be overwritten with the
    *  target's older bytes. */
-  private restoreWaiters: Array<{ resolve: () => void; reject: (error: Error) => void }> = [];
+  private readonly restoreWaiters: Waiter[] = [];
   /** The restore's own writes, recognised by their memory (the volume hands replicas views of
    *  it, not the same Buffer object). */
   private readonly restoring = new Set<ArrayBufferLike>();
@@ -699,10 +713,7 @@ export class Mirror implements VolumeReplica {
   }
 
   private releaseRestoreWaiters(error?: Error): void {
-    for (const waiter of this.restoreWaiters.splice(0)) {
-      if (error === undefined) waiter.resolve();
-      else waiter.reject(error);
-    }
+    releaseWaiters(this.restoreWaiters, error);
   }
 
   /** The split brain is resolved (or found resolved): forget the choice and let writes go on. */
@@ -712,10 +723,7 @@ export class Mirror implements VolumeReplica {
   }
 
   private releaseHeld(error?: Error): void {
-    for (const waiter of this.held.splice(0)) {
-      if (error === undefined) waiter.resolve();
-      else waiter.reject(error);
-    }
+    releaseWaiters(this.held, error);
   }
 
   // --- driver --------------------------------------------------------------------------------

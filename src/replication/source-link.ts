@@ -4,7 +4,7 @@
 // what to do (mark the regions dirty, crack to OUTOFSYNC, retry later).
 import net from 'node:net';
 import type { Logger } from 'pino';
-import { authenticate, FrameChannel, PROTOCOL_VERSION, wireMessage, type BitmapExchange, type ErrorCodeName, type Hello, type HelloReply, type WireMessage, WriteFlag } from '../wire/index';
+import { authenticate, FrameChannel, PROTOCOL_VERSION, wireMessage, type BitmapExchange, type ErrorCodeName, type Hello, type HelloReply, type WireMessage, whenWritable, WriteFlag } from '../wire/index';
 import type { MirrorErrorCode } from './mirror-state';
 
 export type SendResult = 'ok' | 'lost' | 'failed';
@@ -232,16 +232,7 @@ export class SourceLink {
 
   /** Resolves when the socket's send buffer has room again (or the link closed). */
   whenWritable(): Promise<void> {
-    if (this.closeReason !== null || !this.socket.writableNeedDrain) return Promise.resolve();
-    return new Promise((resolve) => {
-      const done = (): void => {
-        this.socket.off('drain', done);
-        this.socket.off('close', done);
-        resolve();
-      };
-      this.socket.on('drain', done);
-      this.socket.on('close', done);
-    });
+    return this.closeReason !== null ? Promise.resolve() : whenWritable(this.socket);
   }
 
   /** Called once with the reason when the link closes (at once if it already has). */

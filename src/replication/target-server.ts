@@ -13,6 +13,7 @@ import {
   authenticate,
   FrameChannel,
   PROTOCOL_VERSION,
+  whenWritable,
   wireMessage,
   WriteFlag,
   Capability,
@@ -473,24 +474,8 @@ class TargetSession {
       if (this.channel.stream.destroyed) return;
       this.channel.send(wireMessage('bitmapExchange', { sequence, regionBytes: bits.regionBytes, firstRegion: first, regionCount: count, last: lastPart }), payload);
       if (lastPart) return;
-      await this.drained();
+      await whenWritable(this.channel.stream);
     }
-  }
-
-  /** Resolves once the socket's write buffer is below its mark again, or the socket is gone
-   *  (a destroyed socket never drains). */
-  private drained(): Promise<void> {
-    const stream = this.channel.stream;
-    if (stream.destroyed || !stream.writableNeedDrain) return Promise.resolve();
-    return new Promise((resolve) => {
-      const done = (): void => {
-        stream.off('drain', done);
-        stream.off('close', done);
-        resolve();
-      };
-      stream.on('drain', done);
-      stream.on('close', done);
-    });
   }
 
   /** ResyncRequest: each range read once every write received before the request has landed,
@@ -526,7 +511,7 @@ class TargetSession {
             this.channel.send(wireMessage('resyncData', { sequence: request.sequence, offsetBytes: range.offsetBytes, lengthBytes: range.lengthBytes }), payload);
             // Counted until the socket took it: a source that does not read must stop the
             // session reading requests (SESSION_BYTES_MAX), not grow the write buffer.
-            await this.drained();
+            await whenWritable(this.channel.stream);
           }
         } finally {
           this.inFlightBytes -= total;

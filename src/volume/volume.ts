@@ -18,6 +18,7 @@ import type {
 } from './backend';
 import { RangeLock, RangeLockHandle } from './range-lock';
 import type { VolumeReplica, WriteIntent } from './replica';
+import { OperationCount } from './operation-count';
 
 export interface VolumeSpec {
   name: string;
@@ -76,11 +77,10 @@ export class Volume implements BlockBackend {
     flushOps: 0,
     readModifyWriteOps: 0,
   };
-  private inFlightOps = 0;
-  private drainWaiters: Array<() => void> = [];
+  /** Operations on the device in progress (drain). */
+  private readonly inFlight = new OperationCount();
   /** Client changes past admitReplicas and not yet done (drainAdmitted). */
-  private admittedChanges = 0;
-  private admittedWaiters: Array<() => void> = [];
+  private readonly admittedChanges = new OperationCount();
   private closing: Promise<void> | undefined;
   /** Set when a write or flush failed on the device: what was acknowledged before may not be
    *  durable, and a later flush cannot make it so (the kernel forgets a failed writeback). The
@@ -148,7 +148,7 @@ export class Volume implements BlockBackend {
   }
 
   stats(): VolumeStats {
-    return { ...this.counters, inFlightOps: this.inFlightOps };
+    return { ...this.counters, inFlightOps: this.inFlight.value };
   }
 
   /** The device error that put this volume in the failed state, if any. */
@@ -354,8 +354,7 @@ export class Volume implements BlockBackend {
     try {
       await run();
     } finally {
-      this.admittedChanges--;
-      if (this.admittedChanges === 0) for (const resolve of this.admittedWaiters.splice(0)) resolve();
+      this.admittedChanges.done();
     }
   }
 
@@ -383,8 +382,7 @@ export class Volume implements BlockBackend {
   /** Resolves once no client change that passed admission is still running. A mirror that
    *  starts holding new changes at admit() (a restore) waits here for those let in before. */
   drainAdmitted(): Promise<void> {
-    if (this.admittedChanges === 0) return Promise.resolve();
-    return new Promise((resolve) => this.admittedWaiters.push(resolve));
+    return this.admittedChanges.idle();
   }
 
   private async changeReplicatedRecorded(
@@ -449,7 +447,7 @@ export class Volume implements BlockBackend {
       if (!waited) {
         // Counted before anything else runs: a restore that begins holding from here on
         // (drainAdmitted) must see this change.
-        this.admittedChanges++;
+        this.admittedChanges.add();
         return;
       }
     }
@@ -599,8 +597,7 @@ export class Volume implements BlockBackend {
 
   /** Resolves when no operation is in flight. */
   drain(): Promise<void> {
-    if (this.inFlightOps === 0) return Promise.resolve();
-    return new Promise((resolve) => this.drainWaiters.push(resolve));
+    return this.inFlight.idle();
   }
 
   /** Drains in-flight I/O, makes it durable and closes the device. Idempotent. */
@@ -780,17 +777,11 @@ export class Volume implements BlockBackend {
   private readonly endOp = (): void => this.end();
 
   private begin(): void {
-    this.inFlightOps++;
+    this.inFlight.add();
   }
 
   private end(): void {
-    this.inFlightOps--;
-    assert(this.inFlightOps >= 0);
-    if (this.inFlightOps === 0 && this.drainWaiters.length > 0) {
-      const waiters = this.drainWaiters;
-      this.drainWaiters = [];
-      for (const resolve of waiters) resolve();
-    }
+    this.inFlight.done();
   }
 }
 

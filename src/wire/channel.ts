@@ -2,7 +2,7 @@
 // writev per frame, receive one decoded frame at a time. Decoded frames wait in a bounded queue;
 // above it the stream is paused, so a fast peer cannot make us buffer without limit.
 
-import type { Duplex } from 'node:stream';
+import type { Duplex, Writable } from 'node:stream';
 
 import { WireError } from './errors';
 import { encodeFrame, FrameDecoder, type Frame, type FrameDecoderOptions } from './frame';
@@ -14,6 +14,21 @@ export interface FrameChannelOptions extends FrameDecoderOptions {
   /** Payload bytes of decoded frames held before the stream is paused. Default 64 MiB. One frame
    *  may exceed it alone (up to the payload limit); then nothing more is read until it is taken. */
   queuedBytesMax?: number;
+}
+
+/** Resolves once `stream` can take more (its write buffer below the mark) or is gone: a
+ *  destroyed stream never drains. */
+export function whenWritable(stream: Writable): Promise<void> {
+  if (stream.destroyed || !stream.writableNeedDrain) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = (): void => {
+      stream.off('drain', done);
+      stream.off('close', done);
+      resolve();
+    };
+    stream.on('drain', done);
+    stream.on('close', done);
+  });
 }
 
 interface Waiter {
