@@ -1,4 +1,4 @@
-// Process-level helpers for the daemon: an exclusive lock file, sd_notify, and CRC-32C for
+// Process-level helpers for the daemon: an exclusive lock file, sd_notify, dup(2), and CRC-32C for
 // checksummed metadata (Node 20 has no crc32c of its own).
 #include <fcntl.h>
 #include <sys/file.h>
@@ -82,6 +82,16 @@ static Napi::Value SdNotify(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, true);
 }
 
+// dupFd(fd) -> a new close-on-exec descriptor for the same open file (e.g. an accepted socket
+// that JS re-wraps with reads into caller-chosen buffers; see src/net/adopt-socket.ts).
+static Napi::Value DupFd(const Napi::CallbackInfo& info) {
+  uint64_t fd = ArgU64(info, 0, "fd");
+  if (fd > 0x7fffffff) throw MakeNativeError(info.Env(), SyscallError(EBADF, "fcntl", ""));
+  int copy = fcntl(static_cast<int>(fd), F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) throw MakeNativeError(info.Env(), SyscallError(errno, "fcntl", ""));
+  return Napi::Number::New(info.Env(), copy);
+}
+
 static Napi::Value Crc32cOf(const Napi::CallbackInfo& info) {
   if (!info[0].IsTypedArray()) throw Napi::TypeError::New(info.Env(), "data must be a Uint8Array");
   auto data = info[0].As<Napi::Uint8Array>();
@@ -93,6 +103,7 @@ void InitSystem(Napi::Env env, Napi::Object exports) {
   exports.Set("lockFile", Napi::Function::New(env, LockFile, "lockFile"));
   exports.Set("unlockFile", Napi::Function::New(env, UnlockFile, "unlockFile"));
   exports.Set("sdNotify", Napi::Function::New(env, SdNotify, "sdNotify"));
+  exports.Set("dupFd", Napi::Function::New(env, DupFd, "dupFd"));
 }
 
 }  // namespace bm

@@ -58,6 +58,7 @@ interface NativeAddon {
   unlockFile(fd: number): void;
   sdNotify(state: string): boolean;
   crc32c(data: Uint8Array): number;
+  dupFd(fd: number): number;
 }
 
 function loadAddon(): NativeAddon {
@@ -454,6 +455,13 @@ export function lockFileExclusive(filePath: string): { release(): void } {
 export function sdNotify(state: string): boolean {
   if (typeof state !== 'string') throw invalidArgument('state must be a string');
   return addon.sdNotify(state);
+}
+
+/** A new close-on-exec descriptor for the same open file (fcntl F_DUPFD_CLOEXEC); the caller
+ *  owns it. Throws NativeError (EBADF, EMFILE, ...). */
+export function dupFd(fd: number): number {
+  if (!Number.isSafeInteger(fd) || fd < 0) throw invalidArgument('fd must be a non-negative integer');
+  return addon.dupFd(fd);
 }
 
 /** CRC-32C (Castagnoli) of `data`, as the bitmap serializer and the write-intent metadata use. */

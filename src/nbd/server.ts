@@ -35,6 +35,9 @@ export interface NbdServerOptions {
   maxConnections?: number;
   /** Default 64 MiB: idle bytes kept in the pool of aligned WRITE payload buffers. */
   maxPooledPayloadBytes?: number;
+  /** Default true: connections read into their own staging and payload buffers (see
+   *  transmission.ts); false keeps Node's stream reads, the fallback where that is impossible. */
+  ownReadBuffers?: boolean;
 }
 
 const DEFAULT_MAX_IN_FLIGHT_REQUESTS = 128;
@@ -95,6 +98,7 @@ export class NbdServer {
       maxPayloadBytes,
       closeLingerMs: CLOSE_LINGER_MS,
       shutdownTimeoutMs: positiveInteger('shutdownTimeoutMs', options.shutdownTimeoutMs, DEFAULT_SHUTDOWN_TIMEOUT_MS, 1, 3_600_000),
+      ownReadBuffers: options.ownReadBuffers ?? true,
     };
     this.handshakeTimeoutMs = positiveInteger('handshakeTimeoutMs', options.handshakeTimeoutMs, DEFAULT_HANDSHAKE_TIMEOUT_MS, 1, 3_600_000);
     this.maxConnections = positiveInteger('maxConnections', options.maxConnections, DEFAULT_MAX_CONNECTIONS, 1, 65536);

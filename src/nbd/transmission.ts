@@ -1,9 +1,12 @@
 // The transmission phase of one connection: parses requests straight out of received chunks,
 // validates each one as doc/proto.md asks, runs it on the backend concurrently and answers as
 // each completes (out of order). In-flight requests and bytes are bounded; when a bound is hit
-// the socket is paused and the unparsed bytes wait until a request completes. A WRITE payload
-// that arrives whole in one chunk is passed on as a view of it; one that spans chunks is
-// assembled in an aligned pooled buffer, which the backend can hand to O_DIRECT without a copy.
+// the socket is paused and the unparsed bytes wait until a request completes.
+// Reads land in buffers this class picks (src/net/adopt-socket.ts): one staging buffer, reused
+// read after read, for request headers and small payloads, which are copied out of it into
+// aligned pooled buffers; the rest of a large WRITE payload is read straight into its aligned
+// buffer, which the backend hands to O_DIRECT as it is. Where the socket cannot be adopted it is
+// read as a stream of fresh chunks, and a payload lying whole in one is passed on as a view.
 //
 // States: open -> (disconnecting | shuttingDown) -> closing -> closed.
 //   disconnecting: NBD_CMD_DISC seen; nothing more is parsed, in-flight requests finish.
@@ -15,6 +18,7 @@ import assert from 'node:assert';
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import type { BufferPool } from '../native/index';
+import { adoptSocket } from '../net/adopt-socket';
 import type { AllocationRun, BlockBackend, ReadResult } from '../volume/backend';
 import { nbdErrnoFromError, nbdErrnoName } from './errors';
 import type { NegotiatedSession } from './handshake';
@@ -30,7 +34,15 @@ export interface TransmissionLimits {
   /** How long shutdown() waits for in-flight requests (and a WRITE payload still arriving)
    *  before it drops the connection anyway. Backend calls still settle and are released. */
   shutdownTimeoutMs: number;
+  /** Read into this connection's own buffers (the default); false keeps Node's stream reads. */
+  ownReadBuffers?: boolean;
 }
+
+/** The staging buffer one connection reads headers and small payloads into. Large enough for a
+ *  QD32 burst of 4 KiB writes in one read. */
+const STAGING_BYTES = 160 * 1024;
+/** A WRITE payload with at least this much still to come is read straight into its buffer. */
+const DIRECT_READ_MIN_BYTES = 32 * 1024;
 
 /** Block status descriptors per reply (the spec lets the server return fewer than asked). */
 const BLOCK_STATUS_DESCRIPTORS_MAX = 1024;
@@ -98,6 +110,9 @@ export class Transmission {
   private payloadFillBytes = 0;
   private discardBytes = 0;
   private paused = false;
+  /** Own-buffer reads only: the staging buffer, and the payload slice the next read goes to. */
+  private staging: Buffer | null;
+  private directTarget: Buffer | null = null;
 
   private inFlightRequests = 0;
   private inFlightBytes = 0;
@@ -114,23 +129,36 @@ export class Transmission {
   constructor(socket: Socket, session: NegotiatedSession, limits: TransmissionLimits, payloadPool: BufferPool, logger: Logger) {
     assert(limits.maxInFlightRequests >= 1);
     assert(limits.maxInFlightBytes >= 1);
-    this.socket = socket;
     this.payloadPool = payloadPool;
     this.exportName = session.nbdExport.name;
     this.backend = session.nbdExport.backend;
     this.logger = logger;
     this.limits = limits;
-    this.writer = new ReplyWriter(socket);
+    // The staging buffer must exist before adoption: the new socket asks for its first read buffer at once.
+    this.staging = limits.ownReadBuffers === false ? null : Buffer.allocUnsafeSlow(STAGING_BYTES);
+    const adopted =
+      this.staging === null
+        ? null
+        : adoptSocket(socket, {
+            nextReadBuffer: () => this.nextReadBuffer(),
+            onRead: (buffer, nread) => this.ownRead(buffer, nread),
+          });
+    if (adopted === null) this.staging = null;
+    this.socket = adopted?.socket ?? socket;
+    this.writer = new ReplyWriter(this.socket);
     this.sizeBytes = session.sizeBytes;
     this.readOnly = (session.transmissionFlags & P.NBD_FLAG_READ_ONLY) !== 0;
     this.structuredReplies = session.structuredReplies;
     this.allocationContextId = session.allocationContextId;
 
-    socket.on('data', (chunk: Buffer) => this.receive(chunk));
-    socket.on('drain', () => this.maybeResume());
-    socket.on('close', () => this.socketClosed());
+    if (adopted === null) socket.on('data', (chunk: Buffer) => this.receive(chunk));
+    else this.socket.on('error', (error: NodeJS.ErrnoException) => logger.debug({ code: error.code }, 'nbd socket error'));
+    this.socket.on('drain', () => this.maybeResume());
+    this.socket.on('close', () => this.socketClosed());
+    // Bytes read before this phase come first: the handshake's leftover, then the stream's.
     if (session.leftover.length > 0) this.receive(session.leftover);
-    socket.resume();
+    if (adopted !== null && adopted.pending.length > 0) this.receive(adopted.pending);
+    this.socket.resume();
   }
 
   get isOpen(): boolean {
@@ -169,6 +197,40 @@ export class Transmission {
   }
 
   // ---- parsing -------------------------------------------------------------------------------
+
+  /** Own-buffer reads: where the next read lands. The staging buffer is only ever handed out
+   *  once parse() is done with its bytes: a read follows a parse that consumed all input, or a
+   *  pause, and reading resumes only after the held input has been consumed (maybeResume). */
+  private nextReadBuffer(): Buffer {
+    const request = this.payloadRequest;
+    if (request !== null && request.payload!.length - this.payloadFillBytes >= DIRECT_READ_MIN_BYTES) {
+      this.directTarget = request.payload!.subarray(this.payloadFillBytes);
+      return this.directTarget;
+    }
+    this.directTarget = null;
+    return this.staging!;
+  }
+
+  private ownRead(buffer: Buffer, nread: number): boolean {
+    if (buffer === this.directTarget) {
+      this.directTarget = null;
+      this.payloadLanded(nread);
+    } else {
+      this.receive(buffer.subarray(0, nread));
+    }
+    return !this.paused;
+  }
+
+  /** nread bytes of the pending WRITE payload were read straight into it. */
+  private payloadLanded(nread: number): void {
+    const request = this.payloadRequest;
+    if (request === null) return; // the connection closed in between; the buffer is back in the pool
+    this.payloadFillBytes += nread;
+    if (this.payloadFillBytes === request.payload!.length) {
+      this.payloadRequest = null;
+      this.dispatch(request);
+    }
+  }
 
   private receive(chunk: Buffer): void {
     if (this.state === 'closed') return;
@@ -306,14 +368,16 @@ export class Transmission {
       this.charge(request, lengthBytes);
       const input = this.input;
       const availableBytes = input === null ? 0 : input.length - this.inputPosition;
-      if (input !== null && availableBytes >= lengthBytes) {
+      if (input !== null && availableBytes >= lengthBytes && this.staging === null) {
         // Zero-copy: a view of the chunk, which the backend must not outlive (it copies or
-        // finishes with the data before its promise settles).
+        // finishes with the data before its promise settles). Never of the staging buffer,
+        // which the next read overwrites.
         request.payload = input.subarray(this.inputPosition, this.inputPosition + lengthBytes);
         this.inputPosition += lengthBytes;
         this.dispatch(request);
       } else {
-        // Spans chunks: assembled once, in aligned memory the backend can write as it is.
+        // Spans chunks (or sits in the staging buffer): assembled once, in aligned memory the
+        // backend can write as it is.
         try {
           request.payload = this.payloadPool.acquire(lengthBytes);
         } catch (error) {

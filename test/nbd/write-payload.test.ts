@@ -1,6 +1,8 @@
-// WRITE payloads that span socket chunks are assembled in aligned buffers from the server's pool
-// (so an O_DIRECT backend can write them without a second copy) and go back to the pool once
-// the backend call settles, or when the connection dies before the payload is complete.
+// WRITE payloads are assembled in aligned buffers from the server's pool (so an O_DIRECT backend
+// can write them without a second copy) and go back to the pool once the backend call settles,
+// or when the connection dies before the payload is complete. A connection reads into one
+// staging buffer it reuses, so no payload may stay a view of it; with Node's stream reads (the
+// fallback) a payload lying whole in one chunk stays a view of that chunk.
 
 import t from 'tap';
 import { isAlignedBuffer } from '../../src/native/index';
@@ -55,10 +57,10 @@ t.test('spanning payloads land in aligned pooled buffers, released when the writ
   t.equal(backend.calls.at(-1)!.data!.buffer, block, 'the block released after the failed write is reused');
   t.ok(backend.data.subarray(2 * MiB, 3 * MiB - 512).equals(third));
 
-  // A payload that arrives whole in one chunk stays a view of that chunk: no pool, no copy.
+  // A payload that arrives whole in one read is copied out of the staging buffer into the pool.
   const small = Buffer.alloc(4096, 0x77);
   t.equal((await client.request({ type: P.NBD_CMD_WRITE, offsetBytes: 3 * MiB, payload: small })).error, 0);
-  t.notOk(isAlignedBuffer(backend.calls.at(-1)!.data!, 4096), 'a whole-chunk payload is not copied into the pool');
+  t.ok(isAlignedBuffer(backend.calls.at(-1)!.data!, 4096), 'a whole-read payload goes to the backend in pooled memory');
   t.ok(backend.data.subarray(3 * MiB, 3 * MiB + 4096).equals(small));
 
   // A connection that dies with a payload half received gives its buffer back.
@@ -93,5 +95,62 @@ t.test('a pooled payload is not reused while its write is still in flight', asyn
   t.equal(reply.error, 0);
   t.ok(backend.data.subarray(0, MiB).equals(slow), 'the slow write landed intact');
   backend.hook = null;
+  await client.disconnect();
+});
+
+t.test('payloads held by slow writes survive the staging buffer being read into again', async (t) => {
+  const fx = await startServer(t, [{ name: 'vol0', sizeBytes: 16 * MiB }]);
+  const backend = fx.backends.get('vol0')!;
+  let release!: () => void;
+  const gate = new Promise<void>((resolve) => (release = resolve));
+  const sizes = [4096, 512, 28, 65536, 4096 + 512, 32 * 1024 - 1, 32 * 1024, 200_000, MiB, 4096, 3 * 4096];
+  const writes = sizes.map((lengthBytes, index) => ({ offsetBytes: index * MiB, data: pattern(lengthBytes, 40 + index) }));
+  // Every write waits until all are in flight, then checks the buffer it was handed, as a device
+  // reading it with O_DIRECT would: one still pointing into the staging buffer has been
+  // overwritten by the later reads.
+  const intactWhileInFlight: boolean[] = [];
+  backend.hook = async (call) => {
+    if (call.op !== 'write') return;
+    await gate;
+    const index = call.offsetBytes / MiB;
+    intactWhileInFlight[index] = call.data!.equals(writes[index]!.data);
+  };
+  const { client } = await NbdTestClient.open(fx.socketPath, 'vol0');
+  // One burst: many requests per read, payloads split across reads at every kind of boundary.
+  const burst = Buffer.concat(
+    writes.flatMap((write, index) => [
+      NbdTestClient.requestHeader({ type: P.NBD_CMD_WRITE, offsetBytes: write.offsetBytes, lengthBytes: write.data.length }, BigInt(index + 1)),
+      write.data,
+    ]),
+  );
+  for (let at = 0; at < burst.length; at += 7000) client.write(burst.subarray(at, at + 7000));
+  await waitFor(() => backend.activeOps === writes.length, 5000, 'every write in flight at once');
+  release();
+  const errors = new Map<bigint, number>();
+  for (let i = 0; i < writes.length; i++) {
+    const reply = await client.readReply();
+    errors.set(reply.cookie, reply.error);
+  }
+  t.same([...errors.values()], writes.map(() => 0), 'every write succeeded');
+  t.same(intactWhileInFlight, writes.map(() => true), 'each payload buffer held its bytes until its write settled');
+  for (const [index, write] of writes.entries()) {
+    t.ok(backend.data.subarray(write.offsetBytes, write.offsetBytes + write.data.length).equals(write.data), `write ${index} (${write.data.length} bytes) intact`);
+  }
+  backend.hook = null;
+  await client.disconnect();
+});
+
+t.test('with stream reads (ownReadBuffers: false) a whole-chunk payload stays a view of the chunk', async (t) => {
+  const fx = await startServer(t, [{ name: 'vol0', sizeBytes: 4 * MiB }], { ownReadBuffers: false });
+  const backend = fx.backends.get('vol0')!;
+  const { client } = await NbdTestClient.open(fx.socketPath, 'vol0');
+  const small = Buffer.alloc(4096, 0x77);
+  t.equal((await client.request({ type: P.NBD_CMD_WRITE, offsetBytes: 0, payload: small })).error, 0);
+  t.notOk(isAlignedBuffer(backend.calls.at(-1)!.data!, 4096), 'no pool, no copy');
+  const large = pattern(MiB, 7);
+  t.equal(await splitWrite(client, MiB, large, 2n), 0);
+  t.ok(isAlignedBuffer(backend.calls.at(-1)!.data!, 4096), 'a spanning payload is assembled in the pool');
+  t.ok(backend.data.subarray(0, 4096).equals(small));
+  t.ok(backend.data.subarray(MiB, 2 * MiB).equals(large));
   await client.disconnect();
 });
