@@ -101,20 +101,22 @@ export class SourceLink {
 
   /** Connects, authenticates and says Hello. Rejects with LinkSetupError. */
   static async open(options: SourceLinkOptions): Promise<SourceLink> {
-    const socket = await connect(options.host, options.port, options.connectTimeoutMs, options.signal);
+    const connected = await connect(options.host, options.port, options.connectTimeoutMs, options.signal);
+    // Acknowledgements are small: reading them into one reused buffer saves a 64 KiB one per read.
+    const channel = new FrameChannel(connected, { queuedFramesMax: 1024, queuedBytesMax: 1024 * 1024, ownReadBuffers: true });
+    const socket = channel.stream as net.Socket; // a new socket when adopted
     const abandon = (): void => {
       socket.destroy();
     };
     options.signal?.addEventListener('abort', abandon, { once: true });
     try {
-      return await SourceLink.setUp(socket, options);
+      return await SourceLink.setUp(socket, channel, options);
     } finally {
       options.signal?.removeEventListener('abort', abandon);
     }
   }
 
-  private static async setUp(socket: net.Socket, options: SourceLinkOptions): Promise<SourceLink> {
-    const channel = new FrameChannel(socket, { queuedFramesMax: 1024, queuedBytesMax: 1024 * 1024 });
+  private static async setUp(socket: net.Socket, channel: FrameChannel, options: SourceLinkOptions): Promise<SourceLink> {
     try {
       await authenticate(channel, {
         role: 'initiator',

@@ -126,18 +126,16 @@ export class ReplicationServer {
     await closed;
   }
 
-  private async accept(socket: net.Socket): Promise<void> {
-    const remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`;
+  private async accept(accepted: net.Socket): Promise<void> {
+    const remote = `${accepted.remoteAddress ?? '?'}:${accepted.remotePort ?? '?'}`;
     if (this.closing) {
-      socket.destroy();
+      accepted.destroy();
       return;
     }
-    this.sockets.add(socket);
-    socket.once('close', () => this.sockets.delete(socket));
-    socket.on('error', (error) => this.logger.debug({ remote, err: error }, 'replication connection error'));
-    socket.setKeepAlive(true, 10_000);
+    accepted.setKeepAlive(true, 10_000);
     const pooled = new WeakSet<Buffer>();
-    const channel = new FrameChannel(socket, {
+    // Payloads are read straight into aligned pooled buffers, which go to the device as they are.
+    const channel = new FrameChannel(accepted, {
       queuedFramesMax: 64,
       queuedBytesMax: 32 * 1024 * 1024,
       allocatePayload: (bytes) => {
@@ -145,7 +143,13 @@ export class ReplicationServer {
         pooled.add(buffer);
         return buffer;
       },
+      ownReadBuffers: true,
     });
+    // From here on the connection is the channel's stream (a new socket when adopted).
+    const socket = channel.stream as net.Socket;
+    this.sockets.add(socket);
+    socket.once('close', () => this.sockets.delete(socket));
+    socket.on('error', (error) => this.logger.debug({ remote, err: error }, 'replication connection error'));
     let peerName: string;
     try {
       ({ peerName } = await authenticate(channel, { role: 'responder', nodeName: this.options.nodeName, secretForPeer: this.options.secretForPeer }));

@@ -1,9 +1,14 @@
 // Frames over any Duplex (net.Socket, tls.TLSSocket, an in-memory pair): send with one corked
 // writev per frame, receive one decoded frame at a time. Decoded frames wait in a bounded queue;
 // above it the stream is paused, so a fast peer cannot make us buffer without limit.
+// With ownReadBuffers a net.Socket is adopted (src/net/adopt-socket.ts): reads land in one
+// reused staging buffer, and the rest of a large payload straight in its own buffer (aligned
+// pooled memory on the target) instead of a fresh 64 KiB chunk per read and an assembly copy.
 
+import net from 'node:net';
 import type { Duplex, Writable } from 'node:stream';
 
+import { adoptSocket } from '../net/adopt-socket';
 import { WireError } from './errors';
 import { encodeFrame, FrameDecoder, type Frame, type FrameDecoderOptions } from './frame';
 import type { WireMessage } from './messages';
@@ -14,7 +19,15 @@ export interface FrameChannelOptions extends FrameDecoderOptions {
   /** Payload bytes of decoded frames held before the stream is paused. Default 64 MiB. One frame
    *  may exceed it alone (up to the payload limit); then nothing more is read until it is taken. */
   queuedBytesMax?: number;
+  /** Adopt a net.Socket so reads land in the channel's own buffers; `stream` is then the
+   *  adopted socket (the one passed in is closed) and detach() is not available. */
+  ownReadBuffers?: boolean;
 }
+
+/** The staging buffer an adopted socket reads into: a burst of small frames fits one read. */
+const STAGING_BYTES = 256 * 1024;
+/** A payload with at least this much still to come is read straight into its buffer. */
+const DIRECT_READ_MIN_BYTES = 32 * 1024;
 
 /** Resolves once `stream` can take more (its write buffer below the mark) or is gone: a
  *  destroyed stream never drains. */
@@ -38,17 +51,33 @@ interface Waiter {
 
 export class FrameChannel {
   readonly stream: Duplex;
-  readonly #decoder: FrameDecoder;
+  #decoder: FrameDecoder;
   readonly #queuedFramesMax: number;
   readonly #queuedBytesMax: number;
   readonly #queue: Frame[] = [];
   #queuedBytes = 0;
   #waiter: Waiter | undefined;
   #failure: Error | undefined;
+  /** Adopted sockets only: the reused staging buffer and the payload slice the next read fills. */
+  #staging: Buffer | undefined;
+  #directTarget: Buffer | undefined;
 
   constructor(stream: Duplex, options: FrameChannelOptions = {}) {
-    this.stream = stream;
-    this.#decoder = new FrameDecoder(options);
+    // Staging buffer and decoder exist before adoption: the new socket asks for its first buffer at once.
+    const wantsAdoption = options.ownReadBuffers === true && stream instanceof net.Socket;
+    this.#staging = wantsAdoption ? Buffer.allocUnsafeSlow(STAGING_BYTES) : undefined;
+    this.#decoder = new FrameDecoder({ ...options, copyChunks: wantsAdoption });
+    const adopted = !wantsAdoption
+      ? null
+      : adoptSocket(stream as net.Socket, {
+          nextReadBuffer: () => this.#nextReadBuffer(),
+          onRead: (buffer, nread) => this.#ownRead(buffer, nread),
+        });
+    if (wantsAdoption && adopted === null) {
+      this.#staging = undefined;
+      this.#decoder = new FrameDecoder(options); // stream chunks are fresh: views of them are safe
+    }
+    this.stream = adopted?.socket ?? stream;
     this.#queuedFramesMax = options.queuedFramesMax ?? 64;
     if (!Number.isSafeInteger(this.#queuedFramesMax) || this.#queuedFramesMax < 1) {
       throw new RangeError(`queuedFramesMax must be a positive integer, got ${this.#queuedFramesMax}`);
@@ -57,10 +86,27 @@ export class FrameChannel {
     if (!Number.isSafeInteger(this.#queuedBytesMax) || this.#queuedBytesMax < 1) {
       throw new RangeError(`queuedBytesMax must be a positive integer, got ${this.#queuedBytesMax}`);
     }
-    stream.on('data', this.#onData);
-    stream.on('end', this.#onEnd);
-    stream.on('close', this.#onEnd);
-    stream.on('error', this.#onError);
+    if (adopted === null) this.stream.on('data', this.#onData);
+    this.stream.on('end', this.#onEnd);
+    this.stream.on('close', this.#onEnd);
+    this.stream.on('error', this.#onError);
+    if (adopted !== null && adopted.pending.length > 0) this.#onData(adopted.pending);
+  }
+
+  #nextReadBuffer(): Buffer {
+    // Nothing decoded refers to the staging buffer (copyChunks), so every read may reuse it.
+    this.#directTarget = this.#decoder.directReadTarget(DIRECT_READ_MIN_BYTES);
+    return this.#directTarget ?? this.#staging!;
+  }
+
+  #ownRead(buffer: Buffer, nread: number): boolean {
+    if (buffer === this.#directTarget) {
+      this.#directTarget = undefined;
+      this.#deliver(this.#decoder.landed(nread));
+    } else {
+      this.#onData(buffer.subarray(0, nread));
+    }
+    return true; // #onData / #deliver pause the stream themselves when the queue is full
   }
 
   /** Writes one frame. Returns the stream's write() result (false: wait for 'drain'). */
@@ -108,6 +154,7 @@ export class FrameChannel {
    *  Frames still queued are returned. Only at a frame boundary: bytes of a half-received frame
    *  would otherwise be lost, so mid-frame it throws BM_ERR_WIRE_DECODE and changes nothing. */
   detach(): Frame[] {
+    if (this.#staging !== undefined) throw new Error('FrameChannel.detach: an adopted socket cannot be handed on');
     if (!this.#decoder.atFrameBoundary) {
       throw new WireError('BM_ERR_WIRE_DECODE', 'cannot detach the channel in the middle of a frame');
     }
@@ -131,6 +178,10 @@ export class FrameChannel {
       this.#fail(error as Error);
       return;
     }
+    this.#deliver(frames);
+  };
+
+  #deliver(frames: Frame[]): void {
     for (const frame of frames) {
       const waiter = this.#waiter;
       if (waiter !== undefined) {
@@ -142,7 +193,7 @@ export class FrameChannel {
       }
     }
     if (this.#queueFull()) this.stream.pause();
-  };
+  }
 
   #queueFull(): boolean {
     return this.#queue.length >= this.#queuedFramesMax || this.#queuedBytes >= this.#queuedBytesMax;

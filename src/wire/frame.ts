@@ -6,9 +6,9 @@
 import assert from 'node:assert';
 
 import { WireError } from './errors';
-import { encodeFastHeader, FAST_HEADER_BYTES_MAX } from './fast-header';
+import { decodeFastHeader, encodeFastHeader, FAST_HEADER_BYTES_MAX } from './fast-header';
 import type { WireMessage } from './messages';
-import { decodeHeader, encodeHeader, expectedPayloadBytes } from './schema';
+import { decodeGenericHeader, encodeHeader, expectedPayloadBytes } from './schema';
 
 export const FRAME_MAGIC = 0x424d5731; // 'BMW1'
 export const PRELUDE_BYTES = 12;
@@ -31,12 +31,16 @@ export interface FrameDecoderOptions extends FrameLimits {
   /** Buffer for a payload that spans chunks (e.g. an aligned pooled buffer for O_DIRECT).
    *  Must return exactly `bytes` bytes. Default: Buffer.allocUnsafe. */
   allocatePayload?: (bytes: number) => Buffer;
+  /** Never hand out views of a pushed chunk: every payload is assembled in its own buffer and
+   *  headers are decoded from copies. For a caller that reads into one buffer over and over. */
+  copyChunks?: boolean;
 }
 
 export interface Frame {
   message: WireMessage;
   /** Raw payload, or undefined when the frame has none. A view on the received chunk when the
-   *  payload lay whole in it (it keeps that chunk alive), else an assembled buffer. */
+   *  payload lay whole in it (it keeps that chunk alive; never with copyChunks), else an
+   *  assembled buffer. */
   payload: Buffer | undefined;
 }
 
@@ -105,6 +109,7 @@ const enum State {
 export class FrameDecoder {
   #payloadBytesMax: number;
   readonly #allocatePayload: (bytes: number) => Buffer;
+  readonly #copyChunks: boolean;
   #state = State.Prelude;
   readonly #prelude = Buffer.alloc(PRELUDE_BYTES);
   #preludeFilled = 0;
@@ -128,6 +133,32 @@ export class FrameDecoder {
   constructor(options: FrameDecoderOptions = {}) {
     this.#payloadBytesMax = resolvePayloadBytesMax(options);
     this.#allocatePayload = options.allocatePayload ?? ((bytes) => Buffer.allocUnsafe(bytes));
+    this.#copyChunks = options.copyChunks ?? false;
+  }
+
+  /** The unfilled rest of the payload being assembled, when at least `minBytes` of it are still
+   *  to come: a reader may read straight into it, then report the bytes with landed(). */
+  directReadTarget(minBytes: number): Buffer | undefined {
+    if (this.#failure !== undefined || this.#state !== State.Payload || this.#assembly === undefined) return undefined;
+    if (this.#payloadBytes - this.#assemblyFilled < minBytes) return undefined;
+    return this.#assembly.subarray(this.#assemblyFilled);
+  }
+
+  /** `bytes` bytes were read into the start of the last directReadTarget(); returns the frame
+   *  they complete, if they do. */
+  landed(bytes: number): Frame[] {
+    if (this.#failure !== undefined) throw this.#failure;
+    const assembly = this.#assembly;
+    assert(this.#state === State.Payload && assembly !== undefined && this.#message !== undefined);
+    assert(bytes >= 0 && this.#assemblyFilled + bytes <= this.#payloadBytes, 'landed more than the payload');
+    this.#assemblyFilled += bytes;
+    if (this.#assemblyFilled < this.#payloadBytes) return [];
+    const frame = { message: this.#message, payload: assembly };
+    this.#assembly = undefined;
+    this.#assemblyFilled = 0;
+    this.#message = undefined;
+    this.#state = State.Prelude;
+    return [frame];
   }
 
   /** The error that stopped this decoder, if any. */
@@ -181,7 +212,7 @@ export class FrameDecoder {
       }
       const wantedBytes = this.#state === State.Header ? this.#headerBytes : this.#payloadBytes;
       let piece: Buffer;
-      if (this.#assembly === undefined && availableBytes >= wantedBytes) {
+      if (this.#assembly === undefined && availableBytes >= wantedBytes && (this.#state === State.Header || !this.#copyChunks)) {
         piece = chunk.subarray(offset, offset + wantedBytes); // zero-copy
         offset += wantedBytes;
       } else {
@@ -201,7 +232,8 @@ export class FrameDecoder {
         this.#assemblyFilled = 0;
       }
       if (this.#state === State.Header) {
-        const message = decodeHeader(piece);
+        // The data path's headers decode to plain numbers; protobufjs keeps views of bytes fields.
+        const message = decodeFastHeader(piece) ?? decodeGenericHeader(this.#copyChunks ? Buffer.from(piece) : piece);
         checkPayloadMatches(message, this.#payloadBytes);
         if (this.#payloadBytes === 0) {
           frames.push({ message, payload: undefined });

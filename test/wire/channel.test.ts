@@ -1,10 +1,15 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { Duplex, PassThrough } from 'node:stream';
+import { isDeepStrictEqual } from 'node:util';
 
-import t from 'tap';
+import t, { type Test } from 'tap';
 
 import { FrameChannel } from '../../src/wire/channel';
 import { encodeFrame } from '../../src/wire/frame';
-import { wireMessage } from '../../src/wire/messages';
+import { wireMessage, type WireMessage } from '../../src/wire/messages';
 
 /** One end of an in-memory pipe: what is written to `input` comes out of the channel's stream. */
 function memoryStream(): { stream: Duplex; input: PassThrough; output: PassThrough } {
@@ -97,4 +102,58 @@ t.test('limitPayloadBytes(0) refuses any payload from the prelude on', async (t)
   }
   await t.rejects(channel.receive(), { code: 'BM_ERR_WIRE_PAYLOAD_TOO_LARGE' });
   stream.destroy();
+});
+
+/** A connected pair over a Unix socket in a fresh directory: [accepted side, client side]. */
+async function socketPair(t: Test): Promise<[net.Socket, net.Socket]> {
+  const dir = mkdtempSync(path.join(tmpdir(), 'bm-channel-'));
+  const socketPath = path.join(dir, 's.sock');
+  const server = net.createServer();
+  const acceptedP = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
+  await new Promise<void>((resolve) => server.listen(socketPath, resolve));
+  const client = net.connect(socketPath);
+  const accepted = await acceptedP;
+  t.teardown(() => {
+    client.destroy();
+    server.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return [accepted, client];
+}
+
+t.test('ownReadBuffers: an adopted socket delivers every frame intact, bytes read before adoption first', async (t) => {
+  const [accepted, client] = await socketPair(t);
+  const frames: Array<{ message: WireMessage; payload?: Buffer }> = [];
+  for (let sequence = 0; sequence < 40; sequence++) {
+    // Small and large payloads mixed: large ones are read straight into their buffers.
+    const lengthBytes = sequence % 5 === 0 ? 1024 * 1024 : 4096;
+    const payload = Buffer.alloc(lengthBytes, sequence);
+    frames.push({ message: wireMessage('write', { sequence, offsetBytes: sequence * 4096, lengthBytes, flags: 0 }), payload });
+    frames.push({ message: wireMessage('flush', { sequence: 1000 + sequence }) });
+  }
+  const bytes = Buffer.concat(frames.flatMap((frame) => encodeFrame(frame.message, frame.payload)));
+  // The first frames arrive (and are read by Node) before the channel exists.
+  client.write(bytes.subarray(0, 5000));
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  accepted.pause();
+  const channel = new FrameChannel(accepted, { ownReadBuffers: true, queuedFramesMax: 8 });
+  t.not(channel.stream, accepted, 'the channel reads through a new socket');
+  t.ok(accepted.destroyed, 'the original is closed');
+  t.throws(() => channel.detach(), /cannot be handed on/);
+  for (let at = 5000; at < bytes.length; at += 300_000) client.write(bytes.subarray(at, at + 300_000));
+  for (const [index, expected] of frames.entries()) {
+    const frame = await channel.receive();
+    if (!isDeepStrictEqual(frame.message, expected.message) || (expected.payload !== undefined && !expected.payload.equals(frame.payload!))) {
+      t.fail(`frame ${index} differs`);
+      return;
+    }
+    await new Promise((resolve) => setImmediate(resolve)); // a slow consumer: the queue bound pauses reading
+  }
+  t.pass('all 80 frames equal');
+  // Sending works on the adopted socket, and the peer's close reaches the channel.
+  const peer = new FrameChannel(client);
+  channel.send(wireMessage('flush', { sequence: 7 }));
+  t.same((await peer.receive()).message, wireMessage('flush', { sequence: 7 }));
+  client.end();
+  await t.rejects(channel.receive(), { code: 'BM_ERR_WIRE_CLOSED' });
 });

@@ -4,7 +4,7 @@ import t, { type Test } from 'tap';
 
 import { WireError } from '../../src/wire/errors';
 import { encodeFrame, FRAME_MAGIC, FrameDecoder, HEADER_BYTES_MAX, type Frame } from '../../src/wire/frame';
-import type { WireMessage } from '../../src/wire/messages';
+import { wireMessage, type WireMessage } from '../../src/wire/messages';
 import { Envelope } from '../../src/wire/schema';
 import { allSamples } from './samples';
 
@@ -214,4 +214,49 @@ t.test('mutated streams end in frames or a WireError, never another exception', 
     if (decoder.bufferedBytes > (1 << 20) + HEADER_BYTES_MAX + 12) t.fail(`round ${round}: buffered too much`);
   }
   t.pass('2000 mutated streams');
+});
+
+t.test('copyChunks: a stream decoded from one reused buffer keeps every frame intact', async (t) => {
+  // What an adopted socket does: each read overwrites the same buffer. Any frame part left as a
+  // view of it (payload, or a protobufjs bytes field such as an auth nonce) would be clobbered.
+  for (const readBytes of [1, 7, 100, 4096, 65536]) {
+    const decoder = new FrameDecoder({ copyChunks: true });
+    const reused = Buffer.alloc(readBytes);
+    const frames: Frame[] = [];
+    for (let at = 0; at < stream.length; at += readBytes) {
+      const length = Math.min(readBytes, stream.length - at);
+      stream.copy(reused, 0, at, at + length);
+      frames.push(...decoder.push(reused.subarray(0, length)));
+      reused.fill(0xee); // the next read lands here
+    }
+    check(t, frames, `reads of ${readBytes} bytes`);
+  }
+});
+
+t.test('directReadTarget and landed: the rest of a payload read straight into its buffer', async (t) => {
+  const payload = Buffer.alloc(100_000);
+  for (let i = 0; i < payload.length; i++) payload[i] = (i * 7) & 0xff;
+  const message: WireMessage = { kind: 'write', body: { sequence: 3, offsetBytes: 0, lengthBytes: payload.length, flags: 0 } };
+  const bytes = Buffer.concat([...encodeFrame(message, payload), ...encodeFrame(wireMessage('flush', { sequence: 4 }))]);
+  const headBytes = bytes.length - payload.length - encodeFrame(wireMessage('flush', { sequence: 4 }))[0]!.length;
+  const allocated: Buffer[] = [];
+  const decoder = new FrameDecoder({ copyChunks: true, allocatePayload: (size) => (allocated.push(Buffer.alloc(size)), allocated.at(-1)!) });
+  t.equal(decoder.directReadTarget(1), undefined, 'nothing to read into before a header');
+  t.same(decoder.push(bytes.subarray(0, headBytes + 1000)), []);
+  t.equal(decoder.directReadTarget(payload.length), undefined, 'less than asked is still to come');
+  const target = decoder.directReadTarget(32 * 1024)!;
+  t.equal(target.length, payload.length - 1000, 'the unfilled rest of the payload');
+  t.equal(target.buffer, allocated[0]!.buffer, 'inside the allocator buffer');
+  bytes.copy(target, 0, headBytes + 1000, headBytes + 50_000);
+  t.same(decoder.landed(49_000), [], 'not complete yet');
+  const rest = decoder.directReadTarget(1)!;
+  t.equal(rest.length, payload.length - 50_000);
+  bytes.copy(rest, 0, headBytes + 50_000, headBytes + payload.length);
+  const [frame] = decoder.landed(rest.length);
+  t.same(frame!.message, message);
+  t.ok(frame!.payload!.equals(payload), 'the payload assembled from a copy and two direct reads');
+  t.equal(frame!.payload, allocated[0]);
+  t.equal(decoder.directReadTarget(1), undefined);
+  t.same(decoder.push(bytes.subarray(headBytes + payload.length)).map((next) => next.message), [wireMessage('flush', { sequence: 4 })], 'the stream goes on after it');
+  t.throws(() => decoder.landed(1), 'landed outside a payload is a bug');
 });
