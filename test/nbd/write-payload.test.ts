@@ -4,6 +4,8 @@
 // staging buffer it reuses, so no payload may stay a view of it; with Node's stream reads (the
 // fallback) a payload lying whole in one chunk stays a view of that chunk.
 
+import { readdirSync } from 'node:fs';
+
 import t from 'tap';
 import { isAlignedBuffer } from '../../src/native/index';
 import * as P from '../../src/nbd/protocol';
@@ -153,4 +155,31 @@ t.test('with stream reads (ownReadBuffers: false) a whole-chunk payload stays a 
   t.ok(backend.data.subarray(0, 4096).equals(small));
   t.ok(backend.data.subarray(MiB, 2 * MiB).equals(large));
   await client.disconnect();
+});
+
+t.test('adopting connections leaves no descriptor behind, whether clients leave cleanly or vanish mid-payload', async (t) => {
+  const fx = await startServer(t, [{ name: 'vol0', sizeBytes: 4 * MiB }]);
+  const openDescriptors = (): number => readdirSync('/proc/self/fd').length;
+  // One connection first, so lazily opened descriptors (the addon, the pool) are counted in the baseline.
+  const warm = await NbdTestClient.open(fx.socketPath, 'vol0');
+  t.equal((await warm.client.request({ type: P.NBD_CMD_WRITE, offsetBytes: 0, payload: Buffer.alloc(4096, 1) })).error, 0);
+  await warm.client.disconnect();
+  await waitFor(() => fx.server.connectionCount() === 0, 2000, 'the warm-up connection to close');
+  const baseline = openDescriptors();
+  for (let round = 0; round < 20; round++) {
+    const { client } = await NbdTestClient.open(fx.socketPath, 'vol0');
+    if (round % 2 === 0) {
+      t.equal((await client.request({ type: P.NBD_CMD_WRITE, offsetBytes: round * 4096, payload: Buffer.alloc(4096, round) })).error, 0);
+      await client.disconnect();
+    } else {
+      // Half a large payload (the rest would be read straight into its pooled buffer), then gone.
+      client.write(NbdTestClient.requestHeader({ type: P.NBD_CMD_WRITE, offsetBytes: 0, lengthBytes: MiB }, 1n));
+      client.write(Buffer.alloc(300_000, 0xee));
+      await sleep(5);
+      client.destroy();
+    }
+  }
+  await waitFor(() => fx.server.connectionCount() === 0, 5000, 'every connection to close');
+  t.equal(openDescriptors(), baseline, 'as many descriptors open as before the 20 connections');
+  t.ok(fx.backends.get('vol0')!.data.subarray(0, 4096).equals(Buffer.alloc(4096, 0)), 'no half-received payload was written');
 });
