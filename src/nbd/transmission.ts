@@ -122,6 +122,8 @@ export class Transmission {
   private readonly idleWaiters: (() => void)[] = [];
   private readonly closedWaiters: (() => void)[] = [];
 
+  /** Payload bytes read straight into their pooled buffers (own read buffers); for tests. */
+  directReadBytes = 0;
   /** Highest concurrency seen; exposed for tests of the bounds. */
   peakInFlightRequests = 0;
   peakInFlightBytes = 0;
@@ -158,7 +160,7 @@ export class Transmission {
     // Bytes read before this phase come first: the handshake's leftover, then the stream's.
     if (session.leftover.length > 0) this.receive(session.leftover);
     if (adopted !== null && adopted.pending.length > 0) this.receive(adopted.pending);
-    this.socket.resume();
+    if (!this.paused) this.socket.resume();
   }
 
   get isOpen(): boolean {
@@ -226,6 +228,7 @@ export class Transmission {
     const request = this.payloadRequest;
     if (request === null) return; // the connection closed in between; the buffer is back in the pool
     this.payloadFillBytes += nread;
+    this.directReadBytes += nread;
     if (this.payloadFillBytes === request.payload!.length) {
       this.payloadRequest = null;
       this.dispatch(request);

@@ -42,7 +42,8 @@ function socketFd(socket: net.Socket): number | undefined {
  *  ready to answer nextReadBuffer() at once. Returns null when that is not possible; the caller
  *  then keeps reading `socket` as a stream. */
 export function adoptSocket(socket: net.Socket, sink: ReadSink): AdoptedSocket | null {
-  if (socket.destroyed || socket.listenerCount('data') > 0) return null;
+  // Replies still queued on the original would die with it (destroy drops unsent writes).
+  if (socket.destroyed || socket.listenerCount('data') > 0 || socket.writableLength > 0) return null;
   const fd = socketFd(socket);
   if (fd === undefined) return null;
   let copy: number;

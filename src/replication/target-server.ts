@@ -60,6 +60,9 @@ export interface ReplicationServerOptions {
   /** Fault layer for tests, 0 in production: each replicated write waits a random 0..N ms
    *  before it is issued, so writes that may run concurrently really finish out of order. */
   faultApplyDelayMaxMs?: number;
+  /** Connections at once, authenticated or not (default replicationConnectionsMax); one
+   *  accepted beyond it is closed at once. */
+  maxConnections?: number;
 }
 
 class Refusal extends Error {
@@ -77,6 +80,7 @@ export class ReplicationServer {
   private readonly sessions = new Map<string, TargetSession>();
   private readonly pool = new BufferPool({ maxPooledBytes: SESSION_BYTES_MAX, alignBytes: 4096 });
   private closing = false;
+  private readonly maxConnections: number;
 
   constructor(options: ReplicationServerOptions) {
     this.options = options;
@@ -84,7 +88,9 @@ export class ReplicationServer {
     this.server = net.createServer({ noDelay: true }, (socket) => {
       void this.accept(socket);
     });
-    this.server.maxConnections = replicationConnectionsMax;
+    // Counted here, not with net.Server's maxConnections: an adopted connection (FrameChannel's
+    // ownReadBuffers) lives on in a new socket the server does not count.
+    this.maxConnections = options.maxConnections ?? replicationConnectionsMax;
   }
 
   /** Resolves with the bound port. */
@@ -129,6 +135,11 @@ export class ReplicationServer {
   private async accept(accepted: net.Socket): Promise<void> {
     const remote = `${accepted.remoteAddress ?? '?'}:${accepted.remotePort ?? '?'}`;
     if (this.closing) {
+      accepted.destroy();
+      return;
+    }
+    if (this.sockets.size >= this.maxConnections) {
+      this.logger.warn({ remote, maxConnections: this.maxConnections }, 'replication connection refused: too many connections');
       accepted.destroy();
       return;
     }

@@ -61,8 +61,18 @@ export class FrameChannel {
   /** Adopted sockets only: the reused staging buffer and the payload slice the next read fills. */
   #staging: Buffer | undefined;
   #directTarget: Buffer | undefined;
+  #directReadBytes = 0;
 
   constructor(stream: Duplex, options: FrameChannelOptions = {}) {
+    // Options are checked before adoption: a throw after it would strand the new socket.
+    const queuedFramesMax = options.queuedFramesMax ?? 64;
+    if (!Number.isSafeInteger(queuedFramesMax) || queuedFramesMax < 1) {
+      throw new RangeError(`queuedFramesMax must be a positive integer, got ${queuedFramesMax}`);
+    }
+    const queuedBytesMax = options.queuedBytesMax ?? 64 * 1024 * 1024;
+    if (!Number.isSafeInteger(queuedBytesMax) || queuedBytesMax < 1) {
+      throw new RangeError(`queuedBytesMax must be a positive integer, got ${queuedBytesMax}`);
+    }
     // Staging buffer and decoder exist before adoption: the new socket asks for its first buffer at once.
     const wantsAdoption = options.ownReadBuffers === true && stream instanceof net.Socket;
     this.#staging = wantsAdoption ? Buffer.allocUnsafeSlow(STAGING_BYTES) : undefined;
@@ -78,14 +88,8 @@ export class FrameChannel {
       this.#decoder = new FrameDecoder(options); // stream chunks are fresh: views of them are safe
     }
     this.stream = adopted?.socket ?? stream;
-    this.#queuedFramesMax = options.queuedFramesMax ?? 64;
-    if (!Number.isSafeInteger(this.#queuedFramesMax) || this.#queuedFramesMax < 1) {
-      throw new RangeError(`queuedFramesMax must be a positive integer, got ${this.#queuedFramesMax}`);
-    }
-    this.#queuedBytesMax = options.queuedBytesMax ?? 64 * 1024 * 1024;
-    if (!Number.isSafeInteger(this.#queuedBytesMax) || this.#queuedBytesMax < 1) {
-      throw new RangeError(`queuedBytesMax must be a positive integer, got ${this.#queuedBytesMax}`);
-    }
+    this.#queuedFramesMax = queuedFramesMax;
+    this.#queuedBytesMax = queuedBytesMax;
     if (adopted === null) this.stream.on('data', this.#onData);
     this.stream.on('end', this.#onEnd);
     this.stream.on('close', this.#onEnd);
@@ -102,6 +106,7 @@ export class FrameChannel {
   #ownRead(buffer: Buffer, nread: number): boolean {
     if (buffer === this.#directTarget) {
       this.#directTarget = undefined;
+      this.#directReadBytes += nread;
       this.#deliver(this.#decoder.landed(nread));
     } else {
       this.#onData(buffer.subarray(0, nread));
@@ -197,6 +202,11 @@ export class FrameChannel {
 
   #queueFull(): boolean {
     return this.#queue.length >= this.#queuedFramesMax || this.#queuedBytes >= this.#queuedBytesMax;
+  }
+
+  /** Payload bytes read straight into their buffers (ownReadBuffers); for tests. */
+  get directReadBytes(): number {
+    return this.#directReadBytes;
   }
 
   /** Current payload limit of received frames (see FrameDecoder.limitPayloadBytes). */

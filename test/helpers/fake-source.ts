@@ -240,6 +240,7 @@ export async function startTarget(
     /** The target volume's divergence (split brain), and what resolving it does. */
     divergence?: () => VolumeDivergence | undefined;
     resolveDivergence?: () => Promise<void>;
+    maxConnections?: number;
   },
 ): Promise<{ server: ReplicationServer; port: number; forget: () => void }> {
   let binding: MirrorSourceBinding | undefined;
@@ -254,6 +255,7 @@ export async function startTarget(
     divergence: () => options.divergence?.(),
     resolveDivergence: async () => options.resolveDivergence?.(),
     logger: options.logger.child({ side: 'target' }),
+    maxConnections: options.maxConnections,
   });
   const port = await server.listen('127.0.0.1', 0);
   t.teardown(() => server.close());

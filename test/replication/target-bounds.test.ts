@@ -43,3 +43,24 @@ t.test('a source that requests resync data and never reads it: the target buffer
   peer.socket.destroy();
   await peer.closed;
 });
+
+t.test('connections beyond maxConnections are closed at once, authenticated or not', async (t) => {
+  const { logger, logs } = captureLogger();
+  const { port } = await startTarget(t, new FakeTarget(), { logger, maxConnections: 2 });
+  // Two idle connections hold the slots (adopted sockets, which net.Server itself no longer counts).
+  const held = [await FakePeer.connect(t, port), await FakePeer.connect(t, port)];
+  await sleep(50);
+  const refused = await FakePeer.connect(t, port);
+  // At once, not after the unauthenticated connection's timeout.
+  const closedInTime = await Promise.race([refused.closed.then(() => true), sleep(2000).then(() => false)]);
+  t.ok(closedInTime, 'the third connection was closed by the target at once');
+  t.ok(logs.some((line) => line.msg === 'replication connection refused: too many connections'), 'and the refusal logged');
+  // A slot that frees up is usable again: authentication on a new connection works.
+  held[0]!.socket.destroy();
+  await held[0]!.closed;
+  await sleep(50);
+  const next = await FakePeer.connect(t, port);
+  await next.authenticate({ nodeName: 'hostA', secret, targetName: 'hostB' });
+  t.pass('a new connection authenticates once a slot is free');
+  for (const peer of [held[1]!, next]) peer.socket.destroy();
+});

@@ -150,6 +150,7 @@ t.test('ownReadBuffers: an adopted socket delivers every frame intact, bytes rea
     await new Promise((resolve) => setImmediate(resolve)); // a slow consumer: the queue bound pauses reading
   }
   t.pass('all 80 frames equal');
+  t.ok(channel.directReadBytes > 4 * 1024 * 1024, `most of the 8 MiB of large payloads were read straight into their buffers (${channel.directReadBytes} bytes)`);
   // Sending works on the adopted socket, and the peer's close reaches the channel.
   const peer = new FrameChannel(client);
   channel.send(wireMessage('flush', { sequence: 7 }));
