@@ -1,32 +1,13 @@
 // adoptSocket: an accepted socket re-wrapped so reads land in the caller's buffers, or left as it
 // is (null) whenever that cannot be done safely, still readable as a stream.
 
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { readdirSync } from 'node:fs';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
-import path from 'node:path';
 
-import t, { type Test } from 'tap';
+import t from 'tap';
 
 import { adoptSocket, type ReadSink } from '../../src/net/adopt-socket';
-
-/** A connected pair over a Unix socket: [accepted side, client side]. */
-async function socketPair(t: Test): Promise<[net.Socket, net.Socket]> {
-  const dir = mkdtempSync(path.join(tmpdir(), 'bm-adopt-'));
-  const socketPath = path.join(dir, 's.sock');
-  const server = net.createServer();
-  const acceptedP = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
-  await new Promise<void>((resolve) => server.listen(socketPath, resolve));
-  const client = net.connect(socketPath);
-  const accepted = await acceptedP;
-  t.teardown(() => {
-    client.destroy();
-    accepted.destroy();
-    server.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
-  return [accepted, client];
-}
+import { socketPair } from '../helpers/socket-pair';
 
 /** A sink that alternates between two small buffers and collects what lands in them. */
 function collectingSink(): ReadSink & { received: Buffer[]; buffersUsed: Set<Buffer> } {

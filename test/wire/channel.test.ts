@@ -1,15 +1,12 @@
-import { mkdtempSync, rmSync } from 'node:fs';
-import net from 'node:net';
-import { tmpdir } from 'node:os';
-import path from 'node:path';
 import { Duplex, PassThrough } from 'node:stream';
 import { isDeepStrictEqual } from 'node:util';
 
-import t, { type Test } from 'tap';
+import t from 'tap';
 
 import { FrameChannel } from '../../src/wire/channel';
 import { encodeFrame } from '../../src/wire/frame';
 import { wireMessage, type WireMessage } from '../../src/wire/messages';
+import { socketPair } from '../helpers/socket-pair';
 
 /** One end of an in-memory pipe: what is written to `input` comes out of the channel's stream. */
 function memoryStream(): { stream: Duplex; input: PassThrough; output: PassThrough } {
@@ -103,23 +100,6 @@ t.test('limitPayloadBytes(0) refuses any payload from the prelude on', async (t)
   await t.rejects(channel.receive(), { code: 'BM_ERR_WIRE_PAYLOAD_TOO_LARGE' });
   stream.destroy();
 });
-
-/** A connected pair over a Unix socket in a fresh directory: [accepted side, client side]. */
-async function socketPair(t: Test): Promise<[net.Socket, net.Socket]> {
-  const dir = mkdtempSync(path.join(tmpdir(), 'bm-channel-'));
-  const socketPath = path.join(dir, 's.sock');
-  const server = net.createServer();
-  const acceptedP = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
-  await new Promise<void>((resolve) => server.listen(socketPath, resolve));
-  const client = net.connect(socketPath);
-  const accepted = await acceptedP;
-  t.teardown(() => {
-    client.destroy();
-    server.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
-  return [accepted, client];
-}
 
 t.test('ownReadBuffers: an adopted socket delivers every frame intact, bytes read before adoption first', async (t) => {
   const [accepted, client] = await socketPair(t);
