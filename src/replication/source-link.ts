@@ -87,7 +87,8 @@ export class SourceLink {
   /** Status of the last refused write or flush, for the mirror's error reason. */
   lastTargetStatus: string | null = null;
 
-  private constructor(socket: net.Socket, channel: FrameChannel, reply: HelloReply, options: SourceLinkOptions) {
+  private constructor(channel: FrameChannel, reply: HelloReply, options: SourceLinkOptions) {
+    const socket = channel.stream as net.Socket;
     this.socket = socket;
     this.channel = channel;
     this.reply = reply;
@@ -104,19 +105,19 @@ export class SourceLink {
     const connected = await connect(options.host, options.port, options.connectTimeoutMs, options.signal);
     // Acknowledgements are small: reading them into one reused buffer saves a 64 KiB one per read.
     const channel = new FrameChannel(connected, { queuedFramesMax: 1024, queuedBytesMax: 1024 * 1024, ownReadBuffers: true });
-    const socket = channel.stream as net.Socket; // a new socket when adopted
     const abandon = (): void => {
-      socket.destroy();
+      channel.stream.destroy(); // a new socket when adopted
     };
     options.signal?.addEventListener('abort', abandon, { once: true });
     try {
-      return await SourceLink.setUp(socket, channel, options);
+      return await SourceLink.setUp(channel, options);
     } finally {
       options.signal?.removeEventListener('abort', abandon);
     }
   }
 
-  private static async setUp(socket: net.Socket, channel: FrameChannel, options: SourceLinkOptions): Promise<SourceLink> {
+  private static async setUp(channel: FrameChannel, options: SourceLinkOptions): Promise<SourceLink> {
+    const socket = channel.stream;
     try {
       await authenticate(channel, {
         role: 'initiator',
@@ -143,7 +144,7 @@ export class SourceLink {
       const reply = message.body;
       if (!reply.accepted) throw refusal(reply.error?.code ?? 'ERROR_CODE_UNSPECIFIED', reply.error?.message ?? 'no reason given');
       checkReply(reply, options.hello);
-      return new SourceLink(socket, channel, reply, options);
+      return new SourceLink(channel, reply, options);
     } catch (error) {
       socket.destroy();
       if (error instanceof LinkSetupError) throw error;
