@@ -298,8 +298,14 @@ class TargetSession {
   private ended: string | null = null;
   private orderBroken = false;
   /** Set by the last ordered write: every write received from then on waits for what came
-   *  before that write (async mode's epochs). */
-  private epochStart: Promise<void> | undefined;
+   *  before that write (async mode's epochs). `landed` spares later writes the wait. */
+  private epoch: { landed: boolean; start: Promise<void> } | undefined;
+  /** A write of an epoch failed: applying later ones would leave a device the source never
+   *  passed through, so they are refused too. */
+  private readonly breakOrder = (error: unknown): never => {
+    this.orderBroken = true;
+    throw error;
+  };
   private readonly settledOne: Array<() => void> = [];
   private running: Promise<string> | null = null;
 
@@ -402,39 +408,44 @@ class TargetSession {
     // An ordered write starts an epoch: it and every write after it start once every write
     // before it landed, so a write never lands before one the source had acknowledged when it
     // was issued (crash consistent). Within an epoch writes only wait for overlaps.
-    if (ordered) this.epochStart = this.order.drain();
-    const earlier = this.epochStart;
+    if (ordered) {
+      const epoch = { landed: false, start: this.order.drain() };
+      void epoch.start.then(() => {
+        epoch.landed = true;
+      });
+      this.epoch = epoch;
+    }
+    const epoch = this.epoch;
     const issue = (): Promise<void> =>
       zeroes || payload === undefined ? this.volume.mirrorWriteZeroes(offsetBytes, lengthBytes, fua) : this.volume.mirrorWrite(offsetBytes, payload, fua);
     const apply =
       this.faultDelayMaxMs > 0
         ? (): Promise<void> => new Promise((resolve) => setTimeout(resolve, Math.random() * this.faultDelayMaxMs)).then(issue)
         : issue;
-    // After a write of an epoch failed, later ones are refused too: applying them would leave a
-    // device the source never passed through.
-    const applyOrdered = async (): Promise<void> => {
-      await earlier;
-      if (this.orderBroken) throw Object.assign(new Error('an earlier ordered write failed'), { code: 'EIO' });
-      await apply().catch((error: unknown) => {
-        this.orderBroken = true;
-        throw error;
-      });
+    let run = apply;
+    if (epoch !== undefined) {
+      const applyInEpoch = (): Promise<void> =>
+        this.orderBroken ? Promise.reject(Object.assign(new Error('an earlier ordered write failed'), { code: 'EIO' })) : apply().catch(this.breakOrder);
+      // No promise hop once the epoch's start has landed (the common case under a steady load).
+      run = () => (epoch.landed ? applyInEpoch() : epoch.start.then(applyInEpoch));
+    }
+    const landed = (): void => {
+      this.inFlightBytes -= bytes;
+      if (payload !== undefined) this.releasePayload(payload);
+      if (this.settledOne.length > 0) for (const wake of this.settledOne.splice(0)) wake();
     };
-    const applied = this.order.run(offsetBytes, lengthBytes, earlier === undefined ? apply : applyOrdered);
-    applied.then(
+    this.order.run(offsetBytes, lengthBytes, run).then(
       () => {
+        landed();
         this.appliedWrites++;
         this.answer('writeAck', sequence, 'STATUS_OK');
       },
       (error: unknown) => {
+        landed();
         this.logger.error({ err: error, offsetBytes, lengthBytes }, 'applying a replicated write failed');
         this.answer('writeAck', sequence, statusFor(error));
       },
-    ).finally(() => {
-      this.inFlightBytes -= bytes;
-      if (payload !== undefined) this.releasePayload(payload);
-      for (const wake of this.settledOne.splice(0)) wake();
-    });
+    );
   }
 
   /** Flush: durable once every write received before it has landed. Barrier: landed only. */

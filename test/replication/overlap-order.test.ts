@@ -209,3 +209,96 @@ t.test('activeMax: a run beyond the bound is an assertion; room frees up as oper
   t.same(await Promise.all([resultB, resultC]), ['b', 'c']);
   t.equal(order.size, 0);
 });
+
+t.test('ranges across bucket edges and wide ranges still find every overlap', async (t) => {
+  const MiB = 1 << 20;
+  const order = new OverlapOrder(16);
+  const log: string[] = [];
+  const straddle = controlled(log, 'straddle'); // the last 4 KiB of one MiB and the first of the next
+  const next = controlled(log, 'next');
+  const wide = controlled(log, 'wide'); // 100 MiB: kept apart from the buckets
+  const inside = controlled(log, 'inside');
+  const far = controlled(log, 'far');
+  const results = [
+    order.run(MiB - 4096, 8192, straddle.operation),
+    order.run(MiB + 4095, 1, next.operation), // overlaps straddle's last byte, in the next bucket
+    order.run(0, 100 * MiB, wide.operation), // overlaps both
+    order.run(50 * MiB, 4096, inside.operation), // overlaps only wide
+    order.run(200 * MiB, 4096, far.operation), // overlaps nothing
+  ];
+  t.same(log, ['start straddle', 'start far']);
+  straddle.gate.resolve('straddle');
+  await settle();
+  t.same(log, ['start straddle', 'start far', 'end straddle', 'start next']);
+  next.gate.resolve('next');
+  await settle();
+  t.ok(log.includes('start wide'), 'wide starts once both are done');
+  t.notOk(log.includes('start inside'), 'inside waits for the wide range');
+  wide.gate.resolve('wide');
+  await settle();
+  t.ok(log.includes('start inside'));
+  inside.gate.resolve('inside');
+  far.gate.resolve('far');
+  t.same(await Promise.all(results), ['straddle', 'next', 'wide', 'inside', 'far']);
+  t.equal(order.size, 0);
+});
+
+t.test('random ranges and completion order: overlaps keep arrival order, drain is exact (seeded)', async (t) => {
+  let seed = Number(process.env.OVERLAP_SEED ?? 20261204);
+  t.comment(`seed ${seed}`);
+  const random = (): number => {
+    seed = (seed * 1103515245 + 12345) % 2 ** 31;
+    return seed / 2 ** 31;
+  };
+  const MiB = 1 << 20;
+  const order = new OverlapOrder(64);
+  interface Op { start: number; end: number; started: boolean; ended: boolean; gate: Deferred<void> }
+  const ops: Op[] = [];
+  const drains: Array<{ upTo: number; done: boolean }> = [];
+  let violations = 0;
+  for (let step = 0; step < 600; step++) {
+    if (order.size < 60 && random() < 0.6) {
+      // Mostly small writes in a 16 MiB span, some across bucket edges, a few wide.
+      const wide = random() < 0.03;
+      const start = wide ? Math.floor(random() * 4) * MiB : Math.floor(random() * 16 * MiB);
+      const length = wide ? 80 * MiB : 1 + Math.floor(random() * 256 * 1024);
+      const op: Op = { start, end: start + length, started: false, ended: false, gate: deferred<void>() };
+      const index = ops.length;
+      ops.push(op);
+      void order.run(start, length, () => {
+        // Every earlier overlapping operation must have ended already.
+        for (let earlier = 0; earlier < index; earlier++) {
+          const other = ops[earlier] as Op;
+          if (other.start < op.end && op.start < other.end && !other.ended) violations++;
+        }
+        op.started = true;
+        return op.gate.promise.finally(() => {
+          op.ended = true;
+        });
+      });
+      if (random() < 0.1) {
+        const entry = { upTo: ops.length, done: false };
+        drains.push(entry);
+        void order.drain().then(() => {
+          entry.done = true;
+          // Exact: every operation before the drain has ended.
+          for (let i = 0; i < entry.upTo; i++) if (!(ops[i] as Op).ended) violations++;
+        });
+      }
+    } else {
+      const running = ops.filter((op) => op.started && !op.ended);
+      if (running.length > 0) (running[Math.floor(random() * running.length)] as Op).gate.resolve();
+      await settle();
+    }
+  }
+  for (;;) {
+    const running = ops.filter((op) => op.started && !op.ended);
+    if (running.length === 0) break;
+    for (const op of running) op.gate.resolve();
+    await settle();
+  }
+  t.equal(violations, 0, 'no operation started before an earlier overlapping one ended; no drain resolved early');
+  t.ok(ops.every((op) => op.ended), `all ${ops.length} operations ran`);
+  t.ok(drains.every((entry) => entry.done), `all ${drains.length} drains resolved`);
+  t.equal(order.size, 0);
+});
