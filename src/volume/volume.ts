@@ -299,7 +299,12 @@ export class Volume implements BlockBackend {
    * window: overlapping writes reach the local device and every mirror in the same order, and
    * a mirror's copy read (readForCopy) falls wholly before or after each write.
    */
-  private async writeReplicated(offsetBytes: number, data: Buffer, fua: boolean, restore = false): Promise<void> {
+  private writeReplicated(offsetBytes: number, data: Buffer, fua: boolean, restore = false): Promise<void> {
+    // The common case, one piece: no loop, and no promise hop when no replica holds writes.
+    if (data.length <= REPLICATED_CHANGE_BYTES_MAX) {
+      const piece = (): Promise<void> => this.writeReplicatedPiece(offsetBytes, data, fua, restore);
+      return restore ? piece() : this.admitted(piece);
+    }
     const pieces = async (): Promise<void> => {
       // A very long write (the NBD payload limit allows up to 1 GiB) goes in pieces, like zeroing.
       for (let done = 0; done < data.length; ) {
@@ -349,34 +354,45 @@ export class Volume implements BlockBackend {
 
   /** Runs one client operation (all its pieces) once every replica admitted it, counted until
    *  it is done (drainAdmitted). */
-  private async admitted(run: () => Promise<void>): Promise<void> {
-    await this.admitReplicas(); // counts the operation in the same step as the last admit() pass
-    try {
-      await run();
-    } finally {
-      this.admittedChanges.done();
-    }
+  private admitted(run: () => Promise<void>): Promise<void> {
+    // Counted in the same step as the last admit() pass (admitReplicas).
+    const waiting = this.admitReplicas();
+    return waiting === undefined ? this.runAdmitted(run) : waiting.then(() => this.runAdmitted(run));
   }
+
+  private runAdmitted(run: () => Promise<void>): Promise<void> {
+    let running: Promise<void>;
+    try {
+      running = run();
+    } catch (error) {
+      this.admittedChanges.done();
+      return Promise.reject(error);
+    }
+    return running.finally(this.admittedDone);
+  }
+
+  private readonly admittedDone = (): void => this.admittedChanges.done();
 
   /** Runs one change of [offset, offset + length) locally and hands it to every replica, under
    *  the exclusive lock of its sector span (the ordering contract of replica.ts). */
-  private async changeReplicated(
+  private changeReplicated(
     offsetBytes: number,
     lengthBytes: number,
     change: () => Promise<void>,
     hand: (replica: VolumeReplica, local: Promise<void>) => Promise<void>,
   ): Promise<void> {
-    this.checkDeviceWritable();
-    const intent = this.writeIntent;
-    if (intent !== undefined) {
-      const recorded = intent.acquire(offsetBytes, lengthBytes);
-      if (recorded !== undefined) await recorded;
-    }
     try {
-      await this.changeReplicatedRecorded(offsetBytes, lengthBytes, change, hand);
-    } finally {
-      intent?.release(offsetBytes, lengthBytes);
+      this.checkDeviceWritable();
+    } catch (error) {
+      return Promise.reject(error);
     }
+    const intent = this.writeIntent;
+    if (intent === undefined) return this.changeReplicatedRecorded(offsetBytes, lengthBytes, change, hand);
+    // Released only after an acquire that succeeded: the extents' counts are shared.
+    const recordedChange = (): Promise<void> =>
+      this.changeReplicatedRecorded(offsetBytes, lengthBytes, change, hand).finally(() => intent.release(offsetBytes, lengthBytes));
+    const recorded = intent.acquire(offsetBytes, lengthBytes);
+    return recorded === undefined ? recordedChange() : recorded.then(recordedChange);
   }
 
   /** Resolves once no client change that passed admission is still running. A mirror that
@@ -385,32 +401,60 @@ export class Volume implements BlockBackend {
     return this.admittedChanges.idle();
   }
 
-  private async changeReplicatedRecorded(
+  private changeReplicatedRecorded(
     offsetBytes: number,
     lengthBytes: number,
     change: () => Promise<void>,
     hand: (replica: VolumeReplica, local: Promise<void>) => Promise<void>,
   ): Promise<void> {
     this.begin();
+    // An uncontended lock is granted at once: then no promise hop before the change starts.
+    let lock: RangeLockHandle | Promise<RangeLockHandle>;
     try {
-      const lock = await this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + lengthBytes), true);
-      let local: Promise<void>;
-      let replicated: Promise<void>;
-      try {
-        local = change();
-        replicated = this.replicate((replica) => hand(replica, local));
-        await settled(local);
-      } finally {
-        this.rangeLock.release(lock);
-      }
-      // The replicas may still be sending the caller's data, which it reuses once this settles:
-      // wait for them even when the local change failed.
-      await settled(replicated);
-      await local.catch(this.failOnDeviceError);
-      await replicated;
-    } finally {
+      lock = this.rangeLock.acquire(this.alignDown(offsetBytes), this.alignUp(offsetBytes + lengthBytes), true);
+    } catch (error) {
       this.end();
+      return Promise.reject(error);
     }
+    const locked =
+      lock instanceof Promise
+        ? lock.then((handle) => this.changeLocked(handle, change, hand))
+        : this.changeLocked(lock, change, hand);
+    return locked.finally(this.endOp);
+  }
+
+  private async changeLocked(
+    lock: RangeLockHandle,
+    change: () => Promise<void>,
+    hand: (replica: VolumeReplica, local: Promise<void>) => Promise<void>,
+  ): Promise<void> {
+    let local: Promise<void>;
+    let replicated: Promise<void>;
+    try {
+      local = change();
+      replicated = this.replicate((replica) => hand(replica, local));
+    } catch (error) {
+      this.rangeLock.release(lock);
+      throw error;
+    }
+    let localError: { error: unknown } | undefined;
+    try {
+      await local;
+    } catch (error) {
+      localError = { error };
+    } finally {
+      this.rangeLock.release(lock);
+    }
+    // The replicas may still be sending the caller's data, which it reuses once this settles:
+    // wait for them even when the local change failed.
+    let replicaError: { error: unknown } | undefined;
+    try {
+      await replicated;
+    } catch (error) {
+      replicaError = { error };
+    }
+    if (localError !== undefined) this.failOnDeviceError(localError.error);
+    if (replicaError !== undefined) throw replicaError.error;
   }
 
   /** Hands one operation to every replica. The result settles only when every replica is done
@@ -431,8 +475,18 @@ export class Volume implements BlockBackend {
   }
 
   /** A replica in strict mode may hold new writes while its mirror is unprotected, and a
-   *  restoring one holds them all. On return the operation is counted as admitted. */
-  private async admitReplicas(): Promise<void> {
+   *  restoring one holds them all. Once it returns undefined, or its promise resolves, the
+   *  operation is counted as admitted. */
+  private admitReplicas(): Promise<void> | undefined {
+    for (const replica of this.replicas) {
+      const admitted = replica.admit();
+      if (admitted !== undefined) return admitted.then(() => this.admitReplicasAfterWait());
+    }
+    this.admittedChanges.add();
+    return undefined;
+  }
+
+  private async admitReplicasAfterWait(): Promise<void> {
     // Again after any wait: while one replica held the change another may have begun holding
     // (a restore), and its admit() must be asked after that.
     for (;;) {
