@@ -32,6 +32,20 @@ export async function waitForPath(path: string, timeoutMs: number): Promise<void
   }
 }
 
+/** Fails before anything is created when the benchmark runs as non-root or lacks a tool. */
+export function requireRootAndCommands(commands: string[]): void {
+  if (process.getuid?.() !== 0) throw new Error('the benchmark needs root (losetup)');
+  const missing = commands.filter((command) => {
+    try {
+      execFileSync('sh', ['-c', `command -v ${command}`], { stdio: 'ignore' });
+      return false;
+    } catch {
+      return true;
+    }
+  });
+  if (missing.length > 0) throw new Error(`the benchmark needs ${missing.join(', ')} (Debian: qemu-utils, fio, libnbd-bin)`);
+}
+
 export function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const mid = Math.floor(sorted.length / 2);
@@ -86,6 +100,8 @@ export class Children {
 
   spawn(command: string, args: string[]): ChildProcess {
     const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'inherit'] });
+    // A failed spawn (ENOENT) must not crash the bench past its cleanup; the caller's wait fails.
+    child.once('error', (error) => console.error(`${command}: ${error.message}`));
     this.children.push(child);
     return child;
   }

@@ -5,10 +5,11 @@
 //
 //   npm run bench                      # defaults: 5 s per job, 3 rounds, 1 GiB device
 //   BENCH_RUNTIME=10 BENCH_ROUNDS=3 npm run bench
+//   BENCH_JOBS=QD1 npm run bench:nbd   # only the jobs whose name contains this text
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Children, createLoopDevice, detachLoopDevices, median, MiB, p50Us, repoRoot, runFio, timestampForFile, waitForPath } from './lib';
+import { Children, createLoopDevice, detachLoopDevices, median, MiB, p50Us, repoRoot, requireRootAndCommands, runFio, timestampForFile, waitForPath } from './lib';
 
 interface Job {
   name: string;
@@ -24,7 +25,7 @@ interface Figure {
   p50LatencyUs: number;
 }
 
-const jobs: Job[] = [
+const allJobs: Job[] = [
   { name: '4k randwrite QD1', rw: 'randwrite', blockSize: '4k', ioDepth: 1, unit: 'IOPS' },
   { name: '4k randwrite QD32', rw: 'randwrite', blockSize: '4k', ioDepth: 32, unit: 'IOPS' },
   { name: '4k randread QD1', rw: 'randread', blockSize: '4k', ioDepth: 1, unit: 'IOPS' },
@@ -33,6 +34,7 @@ const jobs: Job[] = [
   { name: '1M seqread QD8', rw: 'read', blockSize: '1M', ioDepth: 8, unit: 'MB/s' },
 ];
 
+const jobs = allJobs.filter((job) => job.name.includes(process.env.BENCH_JOBS ?? ''));
 const runtimeSeconds = Number(process.env.BENCH_RUNTIME ?? 5);
 const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
 const deviceBytes = Number(process.env.BENCH_DEVICE_MIB ?? 1024) * MiB;
@@ -47,7 +49,7 @@ async function nbdFio(uri: string, job: Job, outputFile: string): Promise<Figure
 }
 
 async function main(): Promise<void> {
-  if (process.getuid?.() !== 0) throw new Error('the benchmark needs root (losetup)');
+  requireRootAndCommands(['fio', 'qemu-nbd', 'losetup']);
   const work = mkdtempSync('/dev/shm/bm-bench-');
   // Fill once so reads hit allocated tmpfs pages for both servers alike.
   const loop = createLoopDevice(work, 'device.img', deviceBytes, { zeroFill: true });

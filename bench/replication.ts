@@ -43,6 +43,7 @@ import {
   mirrorStatus,
   p50Us,
   repoRoot,
+  requireRootAndCommands,
   runFio,
   sleep,
   timestampForFile,
@@ -144,7 +145,7 @@ function identical(a: LoopDevice, b: LoopDevice): boolean {
 }
 
 async function main(): Promise<void> {
-  if (process.getuid?.() !== 0) throw new Error('the benchmark needs root (losetup)');
+  requireRootAndCommands(['fio', 'losetup']);
   const startedMs = Date.now();
   const loadAtStart = loadavg()[0];
   // Other sessions' tests, builds or daemons skew every figure on a 2-vCPU machine: measure them.

@@ -48,6 +48,7 @@ import {
   mirrorStatus,
   p50Us,
   repoRoot,
+  requireRootAndCommands,
   runFio,
   sleep,
   stopChild,
@@ -119,7 +120,7 @@ function delta(before: WriteIntentInfo | null, after: WriteIntentInfo | null): S
 }
 
 async function main(): Promise<void> {
-  if (process.getuid?.() !== 0) throw new Error('the benchmark needs root (losetup)');
+  requireRootAndCommands(['fio', 'losetup']);
   const startedMs = Date.now();
   const loadAtStart = loadavg()[0];
   const foreign = new ForeignCpu();
