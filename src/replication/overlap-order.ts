@@ -36,6 +36,15 @@ const WIDE_BUCKETS = 64;
 
 const ignore = (): void => undefined;
 
+/** An operation that throws instead of rejecting still settles, and its entry is still removed. */
+function started<T>(operation: () => Promise<T>): Promise<T> {
+  try {
+    return operation();
+  } catch (error) {
+    return Promise.reject(error);
+  }
+}
+
 export class OverlapOrder {
   /** Every operation not yet settled, by id: insertion order is arrival order. */
   private readonly active = new Map<number, Active>();
@@ -80,7 +89,7 @@ export class OverlapOrder {
       }
     }
     const result =
-      before === undefined ? operation() : Promise.all(before.map((done) => done.then(ignore, ignore))).then(operation);
+      before === undefined ? started(operation) : Promise.all(before.map((done) => done.then(ignore, ignore))).then(operation);
     const entry: Active = {
       id,
       startBytes,

@@ -26,6 +26,24 @@ t.test('constructor refuses a non-positive or fractional activeMax', async (t) =
   t.doesNotThrow(() => new OverlapOrder(1));
 });
 
+t.test('an operation that throws instead of rejecting settles as a rejection and leaves the order', async (t) => {
+  const order = new OverlapOrder(4);
+  const thrown = new Error('thrown synchronously');
+  const result = order.run(0, 4096, () => {
+    throw thrown;
+  });
+  await t.rejects(result, thrown);
+  await settle();
+  t.equal(order.size, 0, 'no entry left behind');
+  await order.drain();
+  const log: string[] = [];
+  const next = controlled(log, 'next');
+  const nextResult = order.run(0, 4096, next.operation);
+  t.same(log, ['start next'], 'an overlapping operation after it starts at once');
+  next.gate.resolve('N');
+  t.equal(await nextResult, 'N');
+});
+
 t.test('an overlapping operation starts only after the earlier one settled', async (t) => {
   const order = new OverlapOrder(16);
   const log: string[] = [];
