@@ -463,10 +463,19 @@ export class Volume implements BlockBackend {
    *  only after the local I/O. */
   private replicate(hand: (replica: VolumeReplica) => Promise<void>): Promise<void> {
     const replicas = this.replicas;
+    // A replica that throws instead of rejecting fails like one that rejects: every other
+    // replica is still handed the change and waited for, and the caller's lock stays held.
+    const handOne = (replica: VolumeReplica): Promise<void> => {
+      try {
+        return hand(replica);
+      } catch (error) {
+        return Promise.reject(error);
+      }
+    };
     const result =
       replicas.length === 1
-        ? hand(replicas[0] as VolumeReplica)
-        : Promise.allSettled(replicas.map(hand)).then((outcomes) => {
+        ? handOne(replicas[0] as VolumeReplica)
+        : Promise.allSettled(replicas.map(handOne)).then((outcomes) => {
             const refused = outcomes.find((outcome) => outcome.status === 'rejected');
             if (refused !== undefined) throw (refused as PromiseRejectedResult).reason;
           });

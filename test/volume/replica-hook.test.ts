@@ -130,6 +130,45 @@ t.test('every client write, zeroing, trim and flush reaches the replica with its
   t.ok((await readBack(volume, 100, 1000)).equals(unaligned), 'local device has the unaligned write');
 });
 
+t.test('a replica that throws instead of rejecting: the write fails, its range stays locked until the local write is done', async (t) => {
+  const volume = openVolume(t);
+  const replica = new FakeReplica();
+  volume.attachReplica(replica);
+  const thrown = new Error('replica threw');
+  replica.respond = (call) => {
+    if (call.offsetBytes === 0 && replica.calls.length === 1) throw thrown;
+  };
+  const first = randomBytes(8 * KiB);
+  const second = randomBytes(8 * KiB);
+  const firstWrite = volume.write(0, first, false);
+  const secondWrite = volume.write(4 * KiB, second, false);
+  await t.rejects(firstWrite, thrown, 'the write that the replica refused by throwing fails with that error');
+  await secondWrite;
+  t.equal(replica.calls.length, 2);
+  t.same(replica.calls[1]?.earlierLocalDone, [true], 'the overlapping write was handed over only after the first local write finished');
+  const expected = Buffer.concat([first.subarray(0, 4 * KiB), second]);
+  t.ok((await readBack(volume, 0, 12 * KiB)).equals(expected), 'the device holds both writes in order');
+});
+
+t.test('with two replicas, one that throws does not stop the other being handed the write and waited for', async (t) => {
+  const volume = openVolume(t);
+  const throwing = new FakeReplica();
+  const slow = new FakeReplica();
+  volume.attachReplica(throwing);
+  volume.attachReplica(slow);
+  const thrown = new Error('replica threw');
+  throwing.respond = () => {
+    throw thrown;
+  };
+  const gate = deferred<void>();
+  slow.respond = () => gate.promise;
+  const write = volume.write(0, randomBytes(8 * KiB), false);
+  await waitFor(() => slow.calls.length === 1, 'the second replica handed the write');
+  t.notOk(await settlesWithin(write, 100), 'the write waits for the replica still sending its data');
+  gate.resolve();
+  await t.rejects(write, thrown, 'then fails with the thrown error');
+});
+
 t.test('the client is answered only after the replica is done', async (t) => {
   const volume = openVolume(t);
   const replica = new FakeReplica();
