@@ -14,6 +14,17 @@ import type { NbdExport } from './types';
 export const OPTION_DATA_BYTES_MAX = 64 * 1024;
 /** Option data above this is not even skipped: the connection is dropped. */
 export const OPTION_DATA_SKIP_BYTES_MAX = 1024 * 1024;
+/** The options handleOption serves; every other one is answered NBD_REP_ERR_UNSUP. */
+const SERVED_OPTIONS: ReadonlySet<number> = new Set([
+  P.NBD_OPT_EXPORT_NAME,
+  P.NBD_OPT_ABORT,
+  P.NBD_OPT_LIST,
+  P.NBD_OPT_INFO,
+  P.NBD_OPT_GO,
+  P.NBD_OPT_STRUCTURED_REPLY,
+  P.NBD_OPT_LIST_META_CONTEXT,
+  P.NBD_OPT_SET_META_CONTEXT,
+]);
 /** Options per connection; a well-behaved client needs a handful per export. */
 export const OPTIONS_PER_HANDSHAKE_MAX = 4096;
 /** Queries in one LIST/SET_META_CONTEXT. */
@@ -115,7 +126,13 @@ class Negotiation {
         if (option === P.NBD_OPT_EXPORT_NAME) throw protocolError(`NBD_OPT_EXPORT_NAME of ${dataBytes} bytes`);
         if (dataBytes > OPTION_DATA_SKIP_BYTES_MAX) throw protocolError(`option ${option} with ${dataBytes} bytes of data`);
         await this.reader.skip(dataBytes);
-        this.replyError(option, P.NBD_REP_ERR_TOO_BIG, `option data of ${dataBytes} bytes exceeds ${OPTION_DATA_BYTES_MAX}`);
+        // An option we do not know is unsupported whatever its size (proto.md: "MUST reply with
+        // NBD_REP_ERR_UNSUP"); only a known one is too big.
+        if (SERVED_OPTIONS.has(option)) {
+          this.replyError(option, P.NBD_REP_ERR_TOO_BIG, `option data of ${dataBytes} bytes exceeds ${OPTION_DATA_BYTES_MAX}`);
+        } else {
+          this.replyError(option, P.NBD_REP_ERR_UNSUP, `option ${option} is not supported`);
+        }
         continue;
       }
       const data = dataBytes === 0 ? Buffer.alloc(0) : await this.reader.read(dataBytes);
@@ -256,6 +273,8 @@ class Negotiation {
   private metaContext(option: number, data: Buffer): void {
     const list = option === P.NBD_OPT_LIST_META_CONTEXT;
     const optionName = list ? 'NBD_OPT_LIST_META_CONTEXT' : 'NBD_OPT_SET_META_CONTEXT';
+    // SET replaces the previous selection, even when it fails (proto.md).
+    if (!list) this.allocationSelected = false;
     if (!this.structuredReplies) {
       this.replyError(option, P.NBD_REP_ERR_INVALID, `${optionName} requires structured replies`);
       return;
@@ -275,7 +294,6 @@ class Negotiation {
       matches = parsed.queries.length === 0 || parsed.queries.some((q) => q === 'base:' || q === P.BASE_ALLOCATION);
     } else {
       matches = parsed.queries.some((q) => q === P.BASE_ALLOCATION);
-      // SET replaces the previous selection, even with no match.
       this.allocationSelected = matches;
       this.metaContextExportName = parsed.exportName;
     }

@@ -180,7 +180,9 @@ export class NbdServer {
   }
 
   private createListener(transport: 'unix' | 'tcp'): net.Server {
-    const listener = net.createServer({ pauseOnConnect: false }, (socket) => this.accept(socket, transport));
+    // allowHalfOpen: a client's FIN (libnbd sends one right after NBD_CMD_DISC) ends its
+    // requests, not our replies: every request already received is answered before we close.
+    const listener = net.createServer({ pauseOnConnect: false, allowHalfOpen: true }, (socket) => this.accept(socket, transport));
     listener.on('error', (error) => this.logger.error({ err: error }, 'nbd listener error'));
     this.listeners.push(listener);
     return listener;

@@ -156,6 +156,7 @@ export class Transmission {
     if (adopted === null) socket.on('data', (chunk: Buffer) => this.receive(chunk));
     else this.socket.on('error', (error: NodeJS.ErrnoException) => logger.debug({ code: error.code }, 'nbd socket error'));
     this.socket.on('drain', () => this.maybeResume());
+    this.socket.on('end', () => this.peerEnded());
     this.socket.on('close', () => this.socketClosed());
     // Bytes read before this phase come first: the handshake's leftover, then the stream's.
     if (session.leftover.length > 0) this.receive(session.leftover);
@@ -651,6 +652,27 @@ export class Transmission {
     this.maybeFinish();
   }
 
+  /** The client closed its side: no request can follow, but those received are answered. */
+  private peerEnded(): void {
+    if (this.state === 'closing' || this.state === 'closed') return;
+    this.logger.debug('nbd client closed its side of the connection');
+    this.dropIncompletePayload();
+    this.headerFillBytes = 0;
+    if (this.state === 'open' || this.state === 'shuttingDown') this.state = 'disconnecting';
+    this.input = null;
+    this.maybeFinish();
+  }
+
+  /** A WRITE whose payload was still arriving never reaches the backend: its buffer goes back. */
+  private dropIncompletePayload(): void {
+    const payloadRequest = this.payloadRequest;
+    this.payloadRequest = null;
+    if (payloadRequest !== null) {
+      this.inFlightBytes -= payloadRequest.chargedBytes;
+      this.recycle(payloadRequest);
+    }
+  }
+
   /** Once no request is in flight in a draining state: hand over the replies and send FIN. */
   private maybeFinish(): void {
     if (this.state !== 'disconnecting' && this.state !== 'shuttingDown') return;
@@ -667,8 +689,20 @@ export class Transmission {
       this.socket.resume(); // read and drop until the peer closes
     }
     this.socket.end();
-    this.lingerTimer = setTimeout(() => this.socket.destroy(), this.limits.closeLingerMs);
-    this.lingerTimer.unref();
+    // The linger starts once every reply is with the kernel, so a slow reader still gets them
+    // all; a client that stops reading is cut off by the shutdown timeout instead.
+    this.socket.once('finish', () => {
+      if (this.state === 'closed') return;
+      this.lingerTimer = setTimeout(() => this.socket.destroy(), this.limits.closeLingerMs);
+      this.lingerTimer.unref();
+    });
+    if (this.shutdownTimer === null) {
+      this.shutdownTimer = setTimeout(() => {
+        this.logger.warn('nbd client did not read its last replies in time, dropping the connection');
+        this.socket.destroy();
+      }, this.limits.shutdownTimeoutMs);
+      this.shutdownTimer.unref();
+    }
   }
 
   private protocolViolation(reason: string): void {
@@ -681,13 +715,7 @@ export class Transmission {
     if (this.state === 'closed') return;
     this.state = 'closed';
     this.input = null;
-    // A WRITE whose payload was still arriving never reaches the backend: its buffer goes back.
-    const payloadRequest = this.payloadRequest;
-    this.payloadRequest = null;
-    if (payloadRequest !== null) {
-      this.inFlightBytes -= payloadRequest.chargedBytes;
-      this.recycle(payloadRequest);
-    }
+    this.dropIncompletePayload();
     if (this.lingerTimer !== null) clearTimeout(this.lingerTimer);
     if (this.shutdownTimer !== null) clearTimeout(this.shutdownTimer);
     this.writer.close();
