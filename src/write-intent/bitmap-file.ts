@@ -51,6 +51,9 @@ export class BitmapFile {
       bitmap.setRange(0, this.sizeBytes);
       return { bitmap, state: 'missing', damagedPages: 0 };
     }
+    // What was read may be only in the page cache (a process killed between its write and its
+    // fdatasync): make it durable before anything below treats it as what the disk holds.
+    await this.file.sync();
     let damagedPages = 0;
     let goodPages = 0;
     for (let page = 0; page < this.pageCount; page++) {

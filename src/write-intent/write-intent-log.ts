@@ -283,12 +283,17 @@ export class WriteIntentLog implements WriteIntent {
       const victims = overflow > 0 ? evictable.filter((extent) => !needed.has(extent)).slice(0, overflow) : [];
       // From here a write to a victim waits for a later transaction that brings it back.
       for (const victim of victims) this.hot.delete(victim);
+      let step: 'pages' | 'slot' = 'pages';
       try {
         if (victims.length > 0) await this.persistTrackers(victims);
+        step = 'slot';
         await this.writeSlot([...this.hot.keys(), ...wanted], false);
       } catch (error) {
-        // The victims stay out: whether the failed slot reached the disk is unknown, so a write
-        // to one of them must wait for a transaction that brings it back durably.
+        // Pages failed: the victims' bits may not be durable, but the last durable slot still
+        // lists them, so they go back in (or a later slot would drop them unprotected).
+        // Slot failed: their bits are durable and whether the slot reached the disk is unknown,
+        // so they stay out and a write to one waits for a transaction that brings it back.
+        if (step === 'pages') for (const victim of victims) this.hot.set(victim, 0);
         const failure = new MetadataIoError(`recording write intent in ${this.options.file.path} failed: ${(error as Error).message}`, { cause: error });
         this.lastError = failure.message;
         this.options.logger.error({ err: error }, 'write-intent metadata write failed; the writes waiting for it fail with EIO');
