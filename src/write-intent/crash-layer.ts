@@ -2,7 +2,9 @@
 // was synced apart from what was only written, so a test can "lose power" at any moment. A
 // crash keeps every synced byte; each unsynced write is dropped, kept, or torn sector by sector
 // (any subset of its 512-byte sectors reaches the disk), in the order a seeded random source
-// picks. Tests then recover from the crashed image with the production code.
+// picks. Tests then recover from the crashed image with the production code. A kill (SIGKILL)
+// loses nothing yet: the restart sees every write, but only synced ones are durable, so a power
+// loss after the restart can still drop the rest.
 import type { MetadataCounters, MetadataFile, MetadataStore } from './metadata-file';
 
 export const CRASH_SECTOR_BYTES = 512;
@@ -23,6 +25,8 @@ export class CrashLayerStore implements MetadataStore {
   private readonly images = new Map<string, Image>();
   /** Set by failNext: the next n writes or syncs fail with EIO (a failing state disk). */
   private failures = 0;
+  /** Killed: the process that used this store is gone; its files write and sync nothing more. */
+  private dead = false;
   /** Called after each write is recorded and before it returns: a test may crash() here, with
    *  that write (and any other unsynced one) still pending. */
   onWrite: (() => void) | undefined;
@@ -52,6 +56,15 @@ export class CrashLayerStore implements MetadataStore {
     return after;
   }
 
+  /** What a restart after a SIGKILL now would find: every file as the killed process left it
+   *  (its unsynced writes still pending, so a later crash() may drop them). */
+  kill(): CrashLayerStore {
+    const after = new CrashLayerStore();
+    for (const [filePath, image] of this.images) after.images.set(filePath, image);
+    this.dead = true;
+    return after;
+  }
+
   /** @internal */
   image(filePath: string): Image {
     let image = this.images.get(filePath);
@@ -63,7 +76,13 @@ export class CrashLayerStore implements MetadataStore {
   }
 
   /** @internal */
+  checkAlive(what: string): void {
+    if (this.dead) throw Object.assign(new Error(`crash layer: ${what} after the process was killed`), { code: 'EIO' });
+  }
+
+  /** @internal */
   maybeFail(what: string): void {
+    this.checkAlive(what);
     if (this.failures === 0) return;
     this.failures--;
     throw Object.assign(new Error(`crash layer: injected EIO on ${what}`), { code: 'EIO' });
@@ -99,6 +118,7 @@ class CrashLayerFile implements MetadataFile {
     this.store.maybeFail(`sync of ${this.path}`);
     // A flush takes time; a crash may come before it completes.
     await new Promise((resolve) => setImmediate(resolve));
+    this.store.checkAlive(`sync of ${this.path}`);
     const image = this.store.image(this.path);
     this.store.counters.syncs++;
     image.durable = image.current === undefined ? undefined : Buffer.from(image.current);
@@ -107,6 +127,7 @@ class CrashLayerFile implements MetadataFile {
   }
 
   async remove(): Promise<void> {
+    this.store.maybeFail(`removal of ${this.path}`);
     const image = this.store.image(this.path);
     // Synchronous with the directory, like the production remove().
     image.current = undefined;

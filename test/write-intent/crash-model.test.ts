@@ -2,8 +2,9 @@
 // from the real WriteIntentLog (over the crash layer), "write" regions (which then differ from
 // the mirror until acknowledged or resynced), a model mirror keeps its dirty bitmap like
 // Mirror does, lazy persists run in between, and power is lost at random moments (often in the
-// middle of a metadata write). After each crash the production recovery code must find every
-// region that differed, and more crash cycles follow on the recovered state.
+// middle of a metadata write), or the process is killed (SIGKILL: what it wrote stays, unsynced,
+// for a later power loss to drop). After each crash the production recovery code must find
+// every region that differed, and more crash cycles follow on the recovered state.
 import t from 'tap';
 import pino from 'pino';
 import { DirtyBitmap } from '../../src/native/index';
@@ -57,7 +58,7 @@ async function crashRound(seed: number, mode: CrashMode): Promise<{ coveredAll: 
     let crashed: CrashLayerStore | undefined;
     const crashNow = (): void => {
       if (crashed !== undefined) return;
-      crashed = store.crash(mode, random);
+      crashed = random() < 0.3 ? store.kill() : store.crash(mode, random);
       differsAtCrash = copyOf(differs);
     };
     let differsAtCrash: DirtyBitmap | undefined;
@@ -89,7 +90,12 @@ async function crashRound(seed: number, mode: CrashMode): Promise<{ coveredAll: 
         }
         if (random() < 0.1) void log.persistNow().catch(() => undefined);
         const acquired = log.acquire(offsetBytes, lengthBytes);
-        if (acquired !== undefined) await acquired;
+        try {
+          if (acquired !== undefined) await acquired;
+        } catch (error) {
+          if (crashed !== undefined) return; // killed: the log's metadata writes fail from then on
+          throw error;
+        }
         if (crashed !== undefined) return;
         const first = offsetBytes / REGION_BYTES;
         const count = lengthBytes / REGION_BYTES;
@@ -115,6 +121,8 @@ async function crashRound(seed: number, mode: CrashMode): Promise<{ coveredAll: 
     differs.merge(differsAtCrash as DirtyBitmap);
     store = crashed as CrashLayerStore;
   }
+  // A last power loss: whatever a killed process left unsynced is gone now.
+  store = store.crash(mode, random);
   const metadata: VolumeMetadataOptions = { store, stateDir: '/state', volumeUuid: 'vol', sizeBytes: SIZE_BYTES, regionBytes: REGION_BYTES, capacityExtents: CAPACITY, logger: silent };
   const { loaded } = await openWriteIntentLog(metadata);
   const last = await recoverMirror(metadata, 'mirror', loaded);
