@@ -75,18 +75,24 @@ FileWorker::FileWorker(Napi::Env env, std::shared_ptr<FileState> file)
     : Napi::AsyncWorker(env, "blockmirror:io"), file_(std::move(file)), deferred_(Napi::Promise::Deferred::New(env)) {}
 
 Napi::Promise FileWorker::Start() {
-  file_->OpStarted();
   Napi::Promise promise = deferred_.Promise();
   Queue();
+  file_->OpStarted();  // only once queued: a Queue() that throws must not leave close() waiting
   return promise;
 }
 
 void FileWorker::OnOK() {
   Napi::Env env = Env();
-  if (failed_) {
-    deferred_.Reject(MakeNativeError(env, error_).Value());
-  } else {
-    deferred_.Resolve(Result(env));
+  // As in the io_uring engine: building the error is the part that can throw, and the op must
+  // still settle and count as finished, or its caller and close() would wait forever.
+  try {
+    if (failed_) {
+      deferred_.Reject(MakeNativeError(env, error_).Value());
+    } else {
+      deferred_.Resolve(Result(env));
+    }
+  } catch (const Napi::Error& error) {
+    deferred_.Reject(error.Value());
   }
   file_->OpFinished(env);
 }

@@ -54,6 +54,13 @@ t.test('terminating a worker with I/O in flight is clean', async (tt) => {
   tt.pass('2 workers terminated mid-I/O');
 });
 
+t.test('terminating workers while they keep I/O of every kind in flight never aborts the process', async (tt) => {
+  const filePath = sparseFile(tt, 4 * 1024 * 1024);
+  const result = await runTsChild(child, ['terminate-workers', filePath]);
+  tt.equal(result.code, 0, `the process survived 20 terminations (stderr: ${result.stderr.slice(-500)})`);
+  tt.equal(result.stdout.trim(), 'done');
+});
+
 // io_uring_setup failing (ENOSYS/EPERM, io_uring_disabled) must select the thread pool. The
 // kernel setting is global, so fake the refusal for one child with an LD_PRELOAD shim instead.
 const refuseUringShim = `
