@@ -32,6 +32,11 @@ export const replicationConnectionsMax = 64;
  *  fast source is slowed by TCP instead of growing our memory. */
 const SESSION_OPS_MAX = 256;
 const SESSION_BYTES_MAX = 64 * 1024 * 1024;
+/** Flushes and barriers waiting to be answered; each holds a drain (and a device flush). */
+const SESSION_FLUSHES_MAX = 64;
+/** Replies the source has not read yet: above this, reading pauses until the socket drains,
+ *  so a source that stops reading cannot grow our write buffer. */
+const SESSION_REPLY_BYTES_MAX = 1024 * 1024;
 const HELLO_TIMEOUT_MS = 10_000;
 /** What this target offers; the reply carries the intersection with what the source asks. */
 const TARGET_CAPABILITIES = Capability.ORDERED_WRITES | Capability.BITMAP_EXCHANGE;
@@ -81,6 +86,13 @@ export class ReplicationServer {
   private readonly pool = new BufferPool({ maxPooledBytes: SESSION_BYTES_MAX, alignBytes: 4096 });
   private closing = false;
   private readonly maxConnections: number;
+  /** Connections not yet authenticated, oldest first. At most half the slots: a new one
+   *  evicts the oldest, so peers that never finish the handshake cannot keep a real source out
+   *  (it needs only the few milliseconds its own handshake takes). */
+  private readonly authenticating = new Set<net.Socket>();
+  /** Per target volume, the admission in progress: one at a time, until its session is
+   *  registered, so two connections can never both pass the "no other session" check. */
+  private readonly admissions = new Map<string, Promise<void>>();
 
   constructor(options: ReplicationServerOptions) {
     this.options = options;
@@ -143,6 +155,13 @@ export class ReplicationServer {
       accepted.destroy();
       return;
     }
+    const authenticatingMax = Math.max(1, Math.floor(this.maxConnections / 2));
+    if (this.authenticating.size >= authenticatingMax) {
+      const oldest = this.authenticating.values().next().value as net.Socket;
+      this.authenticating.delete(oldest);
+      this.logger.warn({ remote: `${oldest.remoteAddress ?? '?'}:${oldest.remotePort ?? '?'}`, authenticatingMax }, 'replication connection dropped: still not authenticated, and a newer connection needs its slot');
+      oldest.destroy();
+    }
     accepted.setKeepAlive(true, 10_000);
     const pooled = new WeakSet<Buffer>();
     // Payloads are read straight into aligned pooled buffers, which go to the device as they are.
@@ -162,6 +181,7 @@ export class ReplicationServer {
     socket.once('close', () => this.sockets.delete(socket));
     socket.on('error', (error) => this.logger.debug({ remote, err: error }, 'replication connection error'));
     let peerName: string;
+    this.authenticating.add(socket);
     try {
       ({ peerName } = await authenticate(channel, { role: 'responder', nodeName: this.options.nodeName, secretForPeer: this.options.secretForPeer }));
     } catch (error) {
@@ -171,6 +191,8 @@ export class ReplicationServer {
       socket.end();
       setTimeout(() => socket.destroy(), 1000).unref();
       return;
+    } finally {
+      this.authenticating.delete(socket);
     }
     const log = this.logger.child({ remote, peer: peerName });
     let hello: Hello;
@@ -178,12 +200,15 @@ export class ReplicationServer {
     let knownGenerations: number[];
     let bindOnFlush: (() => Promise<void>) | undefined;
     let split: SplitBrain | null;
+    let admitted = (): void => undefined;
     try {
       const frame = await channel.receive(AbortSignal.timeout(HELLO_TIMEOUT_MS));
       if (frame.message.kind !== 'hello') throw new Refusal('ERROR_CODE_PROTOCOL', `expected hello, got ${frame.message.kind}`);
       hello = frame.message.body;
+      admitted = await this.admissionTurn(hello.targetVolumeName);
       ({ volume: target, knownGenerations, bindOnFlush, split } = await this.admit(hello, peerName));
     } catch (error) {
+      admitted();
       const code: ErrorCodeName = error instanceof Refusal ? error.code : 'ERROR_CODE_PROTOCOL';
       log.warn({ code, reason: (error as Error).message }, 'replication hello refused');
       if (!socket.destroyed) {
@@ -194,6 +219,7 @@ export class ReplicationServer {
       return;
     }
     if (target === null || this.closing) {
+      admitted();
       socket.destroy();
       return;
     }
@@ -205,6 +231,7 @@ export class ReplicationServer {
       }
     }, this.options.faultApplyDelayMaxMs ?? 0, bindOnFlush, split);
     this.sessions.set(hello.targetVolumeName, session);
+    admitted();
     channel.send(
       wireMessage('helloReply', {
         accepted: true,
@@ -226,6 +253,22 @@ export class ReplicationServer {
     const reason = await session.run();
     if (this.sessions.get(hello.targetVolumeName) === session) this.sessions.delete(hello.targetVolumeName);
     log.info({ volume: hello.targetVolumeName, reason, applied: session.appliedWrites }, 'replication session ended');
+  }
+
+  /** Waits for the admissions to `volumeName` before this one; the result ends this one's turn. */
+  private async admissionTurn(volumeName: string): Promise<() => void> {
+    const before = this.admissions.get(volumeName);
+    let done!: () => void;
+    const turn = new Promise<void>((resolve) => (done = resolve));
+    this.admissions.set(volumeName, turn);
+    await before;
+    let ended = false;
+    return () => {
+      if (ended) return;
+      ended = true;
+      if (this.admissions.get(volumeName) === turn) this.admissions.delete(volumeName);
+      done();
+    };
   }
 
   /** MAKEPARTS on the target side: the checks of docs/PROTOCOL.md, then the binding. */
@@ -252,6 +295,9 @@ export class ReplicationServer {
       throw new Refusal('ERROR_CODE_TARGET_BUSY', `volume ${record.name} mirrors ${bound.volumeName} (${bound.volumeUuid}) from ${bound.peer}; remove and add it again to change its source`);
     }
     const existing = this.sessions.get(record.name);
+    if (existing !== undefined && (existing.peerName !== peerName || existing.sourceUuid !== hello.volumeUuid)) {
+      throw new Refusal('ERROR_CODE_TARGET_BUSY', `volume ${record.name} is being written by ${existing.peerName}'s volume ${existing.sourceUuid}`);
+    }
     if (existing !== undefined) {
       // The same source reconnecting (its old connection may not have noticed the drop yet):
       // the old session's writes must all land before the new one applies anything.
@@ -308,6 +354,8 @@ class TargetSession {
   };
   private readonly settledOne: Array<() => void> = [];
   private running: Promise<string> | null = null;
+  private flushesInFlight = 0;
+  private sendingBitmap = false;
 
   constructor(
     private readonly channel: FrameChannel,
@@ -322,6 +370,10 @@ class TargetSession {
     /** Set while the volume is diverged (split brain). */
     private split: SplitBrain | null = null,
   ) {}
+
+  get sourceUuid(): string {
+    return this.hello.volumeUuid;
+  }
 
   run(): Promise<string> {
     this.running ??= this.loop();
@@ -343,8 +395,15 @@ class TargetSession {
   private async loop(): Promise<string> {
     try {
       while (this.ended === null) {
-        while (this.order.size >= SESSION_OPS_MAX - 1 || this.inFlightBytes >= SESSION_BYTES_MAX) {
-          await new Promise<void>((resolve) => this.settledOne.push(resolve));
+        for (;;) {
+          const stream = this.channel.stream;
+          if (stream.writableNeedDrain && stream.writableLength >= SESSION_REPLY_BYTES_MAX && !stream.destroyed) {
+            await whenWritable(stream);
+          } else if (this.order.size >= SESSION_OPS_MAX - 1 || this.inFlightBytes >= SESSION_BYTES_MAX || this.flushesInFlight >= SESSION_FLUSHES_MAX) {
+            await new Promise<void>((resolve) => this.settledOne.push(resolve));
+          } else {
+            break;
+          }
         }
         const { message, payload } = await this.channel.receive();
         if (message.kind !== 'error' && 'sequence' in message.body) this.checkSequence(message.body.sequence);
@@ -356,7 +415,16 @@ class TargetSession {
         } else if (message.kind === 'flush' || message.kind === 'barrier') {
           this.applyFlush(message.body.sequence, message.kind === 'flush');
         } else if (message.kind === 'bitmapRequest') {
-          this.background(this.sendBitmap(message.body.sequence));
+          // Only a diverged volume has a bitmap to send, and one transfer at a time: each
+          // request costs up to a whole-volume bitmap in parts, so it must not be repeatable.
+          if (this.split === null) throw new SessionProtocolError('bitmap request, but the volume has not diverged');
+          if (this.sendingBitmap) throw new SessionProtocolError('bitmap request while the previous one is still being answered');
+          this.sendingBitmap = true;
+          this.background(
+            this.sendBitmap(message.body.sequence, this.split.divergence.bits).finally(() => {
+              this.sendingBitmap = false;
+            }),
+          );
         } else if (message.kind === 'resyncRequest') {
           this.serveResync(message.body);
         } else if (message.kind === 'resolve') {
@@ -450,6 +518,7 @@ class TargetSession {
 
   /** Flush: durable once every write received before it has landed. Barrier: landed only. */
   private applyFlush(sequence: number, durable: boolean): void {
+    this.flushesInFlight++;
     void this.order
       .drain()
       .then(() => (durable ? this.volume.flush() : undefined))
@@ -464,7 +533,11 @@ class TargetSession {
           this.logger.error({ err: error }, 'flushing the mirror volume failed');
           this.answer('flushAck', sequence, statusFor(error));
         },
-      );
+      )
+      .finally(() => {
+        this.flushesInFlight--;
+        for (const wake of this.settledOne.splice(0)) wake();
+      });
   }
 
   /** A request answered asynchronously; a failure ends the session with the reason. */
@@ -474,10 +547,11 @@ class TargetSession {
     });
   }
 
-  /** BitmapRequest: the regions written while promoted, in parts (none when not diverged). */
-  private async sendBitmap(sequence: number): Promise<void> {
-    const bits = this.split?.divergence.bits ?? new DirtyBitmap(this.volume.info().sizeBytes, 64 * 1024);
+  /** BitmapRequest: the regions written while promoted, in parts, each sent once the socket
+   *  has taken the one before. */
+  private async sendBitmap(sequence: number, bits: DirtyBitmap): Promise<void> {
     for (let first = 0; ; first += BITMAP_PART_REGIONS) {
+      await whenWritable(this.channel.stream);
       const count = Math.min(BITMAP_PART_REGIONS, bits.regionCount - first);
       const payload = Buffer.alloc(Math.ceil(count / 8));
       const startBytes = first * bits.regionBytes;
@@ -500,7 +574,6 @@ class TargetSession {
       if (this.channel.stream.destroyed) return;
       this.channel.send(wireMessage('bitmapExchange', { sequence, regionBytes: bits.regionBytes, firstRegion: first, regionCount: count, last: lastPart }), payload);
       if (lastPart) return;
-      await whenWritable(this.channel.stream);
     }
   }
 
