@@ -16,6 +16,9 @@ const mirrorsFileBytesMax = 4 * 1024 * 1024;
 
 const name = z.string().regex(volumeNamePattern);
 
+/** The ERROR reason kept in mirrors.json; a longer one is cut (a reason may quote a peer). */
+export const MIRROR_ERROR_REASON_CHARS_MAX = 4096;
+
 const mirrorRecordSchema = z.strictObject({
   id: z.uuid(),
   volume: name,
@@ -50,7 +53,7 @@ const mirrorRecordSchema = z.strictObject({
    *  target acknowledged the Resolve (a retry restores the union again). */
   restoring: z.literal(true).optional(),
   /** Set while the mirror is in ERROR, so a restart does not forget why. */
-  error: z.strictObject({ code: z.enum(MIRROR_ERROR_CODES), reason: z.string().max(4096) }).nullable(),
+  error: z.strictObject({ code: z.enum(MIRROR_ERROR_CODES), reason: z.string().max(MIRROR_ERROR_REASON_CHARS_MAX) }).nullable(),
   createdAt: z.iso.datetime(),
 });
 export type MirrorRecord = z.infer<typeof mirrorRecordSchema>;

@@ -17,7 +17,7 @@ import { Capability } from '../wire/index';
 import { BufferPool, DirtyBitmap, type DirtyRun } from '../native/index';
 import type { ReplicaSource, VolumeReplica } from '../volume/replica';
 import { ExponentialBackoff } from './backoff';
-import type { MirrorRecord } from './mirror-store';
+import { MIRROR_ERROR_REASON_CHARS_MAX, type MirrorRecord } from './mirror-store';
 import { MirrorStateMachine, type MirrorErrorCode, type MirrorEvent, type MirrorTransition } from './mirror-state';
 import { RateLimit } from './rate-limit';
 import { LinkSetupError, SourceLink, type SendResult } from './source-link';
@@ -736,7 +736,8 @@ export class Mirror implements VolumeReplica {
     const { from, to, cause } = transition;
     this.logger.info({ from, to, event: cause.event, reason: cause.reason, code: cause.code }, `mirror ${from} -> ${to}`);
     if (to === 'ERROR' && from !== 'ERROR' && cause.code !== null && this.record.error?.code !== cause.code) {
-      this.tryUpdate({ error: { code: cause.code as MirrorErrorCode, reason: cause.reason } });
+      // Cut to what mirrors.json takes: one over-long reason would fail every later save.
+      this.tryUpdate({ error: { code: cause.code as MirrorErrorCode, reason: cause.reason.slice(0, MIRROR_ERROR_REASON_CHARS_MAX) } });
     } else if (from === 'ERROR' && to !== 'ERROR') {
       this.tryUpdate({ error: null });
     }

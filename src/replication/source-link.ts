@@ -4,7 +4,7 @@
 // what to do (mark the regions dirty, crack to OUTOFSYNC, retry later).
 import net from 'node:net';
 import type { Logger } from 'pino';
-import { authenticate, FrameChannel, PROTOCOL_VERSION, wireMessage, type BitmapExchange, type ErrorCodeName, type Hello, type HelloReply, type WireMessage, whenWritable, WriteFlag } from '../wire/index';
+import { authenticate, FrameChannel, peerText, PROTOCOL_VERSION, wireMessage, type BitmapExchange, type ErrorCodeName, type Hello, type HelloReply, type WireMessage, whenWritable, WriteFlag } from '../wire/index';
 import type { MirrorErrorCode } from './mirror-state';
 
 export type SendResult = 'ok' | 'lost' | 'failed';
@@ -139,7 +139,7 @@ export class SourceLink {
       const timeout = AbortSignal.timeout(options.connectTimeoutMs);
       const frame = await channel.receive(timeout);
       const message = frame.message;
-      if (message.kind === 'error') throw refusal(message.body.code, message.body.message);
+      if (message.kind === 'error') throw refusal(message.body.code, peerText(message.body.message));
       if (message.kind !== 'helloReply') throw new LinkSetupError('transient', 'BM_ERR_PROTOCOL', `expected helloReply, got ${message.kind}`);
       const reply = message.body;
       if (!reply.accepted) throw refusal(reply.error?.code ?? 'ERROR_CODE_UNSPECIFIED', reply.error?.message ?? 'no reason given');
@@ -300,7 +300,7 @@ export class SourceLink {
             if (request.take(message, payload)) this.requests.delete(message.body.sequence);
           }
         } else if (message.kind === 'error') {
-          this.close(`target reported ${message.body.code}: ${message.body.message}`);
+          this.close(`target reported ${message.body.code}: ${peerText(message.body.message)}`);
         } else {
           this.close(`protocol error: unexpected ${message.kind} from the target`);
         }

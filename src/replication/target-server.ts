@@ -22,6 +22,7 @@ import {
   type ResyncRequest,
   type StatusName,
   type Write,
+  peerText,
 } from '../wire/index';
 import type { MirrorSourceBinding } from '../daemon/registry';
 import { OverlapOrder } from './overlap-order';
@@ -430,7 +431,7 @@ class TargetSession {
         } else if (message.kind === 'resolve') {
           this.background(this.resolve(message.body.sequence, message.body.generation));
         } else if (message.kind === 'error') {
-          this.protocolEnd(`source reported ${message.body.code}: ${message.body.message}`, false);
+          this.protocolEnd(`source reported ${message.body.code}: ${peerText(message.body.message)}`, false);
         } else {
           this.protocolEnd(`unexpected ${message.kind} in a replication session`, true);
         }

@@ -13,7 +13,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 
 import type { FrameChannel } from './channel';
-import { AuthError } from './errors';
+import { AuthError, peerText } from './errors';
 import { wireMessage, type ErrorCodeName, type MessageBodies } from './messages';
 
 export const AUTH_DOMAIN = 'blockmirror-auth-v1';
@@ -191,7 +191,7 @@ async function receiveKind<K extends 'authChallenge' | 'authResponse'>(
   const message = frame.message;
   if (message.kind === 'error') {
     const code = ERROR_FOR_CODE[message.body.code] ?? 'BM_ERR_AUTH_FAILED';
-    const error = new AuthError(code, `peer refused authentication: ${message.body.message}`, peerName);
+    const error = new AuthError(code, `peer refused authentication: ${peerText(message.body.message)}`, peerName);
     errorsFromPeer.add(error); // the peer has already given up: do not answer its error with ours
     throw error;
   }

@@ -10,6 +10,14 @@ export type WireErrorCode =
   | 'BM_ERR_WIRE_RANGE' // a 64-bit field is not a safe integer (> 2^53 - 1)
   | 'BM_ERR_WIRE_CLOSED'; // the stream ended (or ended mid-frame) while a frame was awaited
 
+/** Text a peer sent (an Error frame's message): at most this many characters reach our logs,
+ *  errors and state files, whatever the peer sends. */
+export const PEER_TEXT_CHARS_MAX = 1024;
+
+export function peerText(text: string): string {
+  return text.length <= PEER_TEXT_CHARS_MAX ? text : `${text.slice(0, PEER_TEXT_CHARS_MAX)}... (${text.length} characters)`;
+}
+
 export class WireError extends Error {
   readonly code: WireErrorCode;
   constructor(code: WireErrorCode, message: string) {
