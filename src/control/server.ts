@@ -92,6 +92,9 @@ export class ControlServer {
   }
 }
 
+/** At shutdown, how long a connection may take to flush its last replies to its client. */
+const shutdownGraceMs = 2_000;
+
 type Dispatch = (method: MethodName, params: unknown) => Promise<unknown>;
 
 /** One client. Requests are handled strictly one at a time: the socket is paused while a
@@ -119,9 +122,16 @@ class ControlConnection {
     });
   }
 
-  /** Finish the request that is running, then end the connection. */
+  /** Finish the request that is running, then end the connection. A client that does not
+   *  read its replies is cut off after a grace period, so it cannot hold up the daemon's stop. */
   async shutdown(): Promise<void> {
     this.ended = true;
+    const cutOff = setTimeout(() => {
+      this.logger.warn('control client did not read its replies while the daemon stopped; closing its connection');
+      this.socket.destroy();
+    }, shutdownGraceMs);
+    cutOff.unref();
+    this.socket.once('close', () => clearTimeout(cutOff));
     while (this.running !== null) await this.running;
     this.socket.end();
     this.socket.destroySoon();

@@ -1,5 +1,6 @@
 // blockmirrord as a process: start, lock, signals, sd_notify, restart with the registry.
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import t from 'tap';
 import { daemonPaths, haveTool, runTool, spawnDaemon, startDaemon, startNotifyListener } from '../helpers/daemon';
@@ -32,6 +33,22 @@ t.test('starts, answers status, and SIGTERM exits 0 removing both sockets', asyn
   t.ok(messages.includes('ready'));
   t.ok(messages.includes('stopped'));
   t.equal(daemon.stderr, '');
+});
+
+t.test('a control client that never reads its replies does not hold up SIGTERM', async (t) => {
+  const daemon = await startDaemon(t);
+  const client = net.connect(daemon.paths.controlSocket);
+  client.on('error', () => undefined);
+  await new Promise((resolve) => client.once('connect', resolve));
+  client.pause(); // never reads
+  const request = JSON.stringify({ id: 'x', method: 'status', params: {} }) + '\n';
+  client.write(request.repeat(3000));
+  await new Promise((resolve) => setTimeout(resolve, 500)); // replies fill every buffer on the way
+  const started = Date.now();
+  t.same(await daemon.stop('SIGTERM'), { code: 0, signal: null }, 'a clean stop (volumes closed, bitmaps saved)');
+  const seconds = (Date.now() - started) / 1000;
+  t.ok(seconds < 10, `within ${seconds.toFixed(1)} s, not at the 25 s shutdown bound`);
+  client.destroy();
 });
 
 t.test('SIGINT also stops cleanly', async (t) => {
