@@ -16,6 +16,7 @@ t.test('a peer refusing with a 60,000-character message (the 64 KiB header allow
   // Something at the peer's address that answers every connection with an Error frame.
   const listener = net.createServer((socket) => {
     socket.on('error', () => undefined);
+    socket.resume(); // reads to the daemon's FIN, so the socket closes and listener.close() can finish
     socket.end(Buffer.concat(encodeFrame(wireMessage('error', { code: 'ERROR_CODE_AUTH_FAILED', message: 'x'.repeat(60_000) }))));
   });
   await new Promise<void>((resolve) => listener.listen(0, '127.0.0.1', resolve));
