@@ -1124,7 +1124,10 @@ export class Mirror implements VolumeReplica {
           this.copiesInFlight.add(copy);
           this.dirty.clearRange(offsetBytes, lengthBytes);
           zero = buffer.equals(ZERO_CHUNK.subarray(0, lengthBytes));
-          sent = link.write(offsetBytes, zero ? undefined : buffer, lengthBytes, false);
+          // The copy carries whatever the device holds now, so possibly writes issued after an
+          // async write still unacknowledged was acknowledged to its client: sent ordered, it
+          // lands after that write (a copy landing first would leave a target that is no prefix).
+          sent = link.write(offsetBytes, zero ? undefined : buffer, lengthBytes, false, this.asyncInFlight.size > 0 && this.takesOrderedWrites(link));
         });
       } catch (error) {
         this.pool.release(buffer);

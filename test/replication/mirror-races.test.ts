@@ -449,6 +449,33 @@ t.test('async -> sync under load: a sync write acknowledged to the client is on 
   t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
 
+t.test('async mode: a catch-up copy never lands on the target before an async write acknowledged before the copied write was issued', async (t) => {
+  const { logger, logs } = captureLogger();
+  const target = new FakeTarget();
+  const { port } = await startTarget(t, target, { logger });
+  const source = new FakeSource();
+  const { mirror } = startMirror(t, source, () => port, { logger, record: { mode: 'async', asyncBufferBytes: 1024 * KiB } });
+  await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0, 'INSYNC in async mode');
+
+  const asyncOffset = 0;
+  const copiedOffset = 2048 * KiB; // another region: only ordering can keep the copy behind the async write
+  const A = randomBytes(1024 * KiB); // fills the async buffer
+  const B = randomBytes(4 * KiB);
+  let asyncOnTargetWhenCopyLanded: boolean | undefined;
+  // The target is slow to apply the async write; the copy of B's region is not delayed.
+  target.beforeWrite = (offsetBytes) => (offsetBytes === asyncOffset ? sleep(300).then(() => undefined) : undefined);
+  target.afterWrite = (offsetBytes) => {
+    if (offsetBytes === copiedOffset) asyncOnTargetWhenCopyLanded ??= slice(target.data, asyncOffset, A.length).equals(A);
+  };
+  await source.write(asyncOffset, A); // acknowledged once local, in flight to the target
+  await source.write(copiedOffset, B); // issued after A was acknowledged: the buffer is full, so it only marks its region
+  t.ok(mirror.info().dirtyBytes > 0, 'the second write went to the bitmap (buffer full)');
+  await waitFor(() => asyncOnTargetWhenCopyLanded !== undefined, 'the copy of the second write landed');
+  t.equal(asyncOnTargetWhenCopyLanded, true, 'when the copy carrying B landed, A was already on the target');
+  await waitFor(() => mirror.info().dirtyBytes === 0 && mirror.info().async?.ordered === true && source.data.equals(target.data), 'caught up: source == target, ordered');
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});
+
 t.test('resolve --discard this: the restored regions stay dirty until the source device is flushed', async (t) => {
   const { logger, logs } = captureLogger();
   const diverged = divergedTarget(1024 * KiB, 77);
