@@ -100,7 +100,12 @@ export class ControlClient {
     }
     // Replies come in request order; an id-less reply (framing error) answers the oldest request.
     const waiter = this.waiters.shift();
-    if (waiter === undefined) return;
+    if (waiter === undefined) {
+      // Sent before any request: the daemon turned the connection away (its reason is kept for
+      // the requests that follow).
+      if (reply.id === null && reply.ok === false) this.fail(replyError(reply));
+      return;
+    }
     clearTimeout(waiter.timer);
     if (reply.id !== null && reply.id !== waiter.id) {
       waiter.reject(new BmError(ControlErrorCode.Internal, `reply id ${String(reply.id)} does not match request id ${waiter.id}`));
@@ -110,9 +115,7 @@ export class ControlClient {
       waiter.resolve(reply.result);
       return;
     }
-    const code = typeof reply.error?.code === 'string' ? reply.error.code : ControlErrorCode.Internal;
-    const message = typeof reply.error?.message === 'string' ? reply.error.message : 'unknown error';
-    waiter.reject(new BmError(code, message));
+    waiter.reject(replyError(reply));
   }
 
   private fail(error: BmError): void {
@@ -123,4 +126,10 @@ export class ControlClient {
     }
     this.socket.destroy();
   }
+}
+
+function replyError(reply: { error?: { code?: unknown; message?: unknown } }): BmError {
+  const code = typeof reply.error?.code === 'string' ? reply.error.code : ControlErrorCode.Internal;
+  const message = typeof reply.error?.message === 'string' ? reply.error.message : 'unknown error';
+  return new BmError(code, message);
 }

@@ -47,7 +47,9 @@ export class ControlServer {
     this.logger = options.logger;
     this.socketMode = options.socketMode;
     this.server = net.createServer({ allowHalfOpen: false }, (socket) => this.accept(socket));
-    this.server.maxConnections = controlConnectionsMax;
+    // The limit itself is kept in accept(); this only bounds descriptors while over-limit
+    // connections are being turned away.
+    this.server.maxConnections = 2 * controlConnectionsMax;
   }
 
   async listen(socketPath: string): Promise<void> {
@@ -81,6 +83,24 @@ export class ControlServer {
       socket.destroy();
       return;
     }
+    // At the limit, the connection idle longest makes room: leaked or forgotten clients must not
+    // lock the admin out. Only when every connection has a request running is the new one refused.
+    if (this.connections.size >= controlConnectionsMax) {
+      let idlest: ControlConnection | undefined;
+      for (const candidate of this.connections) {
+        if (candidate.idle && (idlest === undefined || candidate.lastActivityMs < idlest.lastActivityMs)) idlest = candidate;
+      }
+      if (idlest === undefined) {
+        this.logger.warn({ connections: this.connections.size }, 'control connection refused: every connection has a request running');
+        const reply: Response = { id: null, ok: false, error: { code: ControlErrorCode.TooManyConnections, message: `${controlConnectionsMax} control connections are busy; try again` } };
+        socket.on('error', () => undefined);
+        // Closed once the reply is with the kernel (a Unix socket: the client still reads it).
+        socket.end(JSON.stringify(reply) + '\n', () => socket.destroy());
+        return;
+      }
+      this.logger.info({ idleMs: Date.now() - idlest.lastActivityMs }, 'control connection limit reached: closing the connection idle longest');
+      idlest.evict();
+    }
     const connection = new ControlConnection(socket, this.logger, (method, params) => this.dispatch(method, params), () => this.closing);
     this.connections.add(connection);
     socket.once('close', () => this.connections.delete(connection));
@@ -105,6 +125,8 @@ class ControlConnection {
   private running: Promise<void> | null = null;
   /** No more requests are read (closing, or framing lost). */
   private ended = false;
+  /** When the client last sent bytes or was last answered. */
+  lastActivityMs = Date.now();
 
   constructor(
     private readonly socket: net.Socket,
@@ -137,8 +159,20 @@ class ControlConnection {
     this.socket.destroySoon();
   }
 
+  /** No request running or waiting for its reply to be taken: closing it loses nothing. */
+  get idle(): boolean {
+    return this.running === null && !this.ended;
+  }
+
+  /** Closes an idle connection to make room for a new one (its client reconnects if it needs to). */
+  evict(): void {
+    this.ended = true;
+    this.socket.destroy();
+  }
+
   private receive(chunk: Buffer): void {
     if (this.ended) return;
+    this.lastActivityMs = Date.now();
     this.pending = this.pending.length === 0 ? chunk : Buffer.concat([this.pending, chunk]);
     this.socket.pause();
     if (this.running === null) {
@@ -174,6 +208,7 @@ class ControlConnection {
         });
       }
     }
+    this.lastActivityMs = Date.now();
     // Keep a copy of the partial line, not a view that pins the whole chunk it came from.
     this.pending = Buffer.from(this.pending);
     if (!this.ended && !this.socket.destroyed) this.socket.resume();

@@ -8,7 +8,7 @@ import pino from 'pino';
 import t, { type Test } from 'tap';
 import { ControlClient } from '../../src/control/client';
 import { BmError } from '../../src/control/errors';
-import { controlLineBytesMax, type VolumeInfo } from '../../src/control/protocol';
+import { controlConnectionsMax, controlLineBytesMax, type VolumeInfo } from '../../src/control/protocol';
 import { ControlServer, type ControlHandlers } from '../../src/control/server';
 import { scratchDir } from '../helpers/loop';
 
@@ -33,7 +33,7 @@ function fakeVolume(name: string): VolumeInfo {
   };
 }
 
-async function startServer(t: Test) {
+async function startServer(t: Test, options: { peerListGate?: Promise<void> } = {}) {
   const dir = scratchDir(t, 'bm-ctl-');
   const socketPath = path.join(dir, 'control.sock');
   const calls: Array<{ method: string; params: unknown }> = [];
@@ -67,7 +67,10 @@ async function startServer(t: Test) {
       calls.push({ method: 'peer.add', params });
       return { name: params.name, address: params.address, host: '', port: 1, secretFile: params.secretFile, createdAt: '' };
     },
-    'peer.list': async () => ({ peers: [] }),
+    'peer.list': async () => {
+      await options.peerListGate;
+      return { peers: [] };
+    },
     'peer.info': async (params) => {
       throw new BmError('BM_ERR_PEER_NOT_FOUND', `peer ${params.name} does not exist`);
     },
@@ -271,4 +274,50 @@ t.test('close() removes the socket file and answers nothing more', async (t) => 
   await server.listen(socketPath);
   await server.close();
   t.notOk(fs.existsSync(socketPath));
+});
+
+/** `count` connections to the server, each answered once (so the server has accepted it). */
+async function openConnections(t: Test, socketPath: string, count: number): Promise<Array<{ client: ControlClient; closed: boolean }>> {
+  const open: Array<{ client: ControlClient; closed: boolean }> = [];
+  for (let index = 0; index < count; index++) {
+    const client = await ControlClient.connect({ socketPath, timeoutMs: 5000 });
+    t.teardown(() => client.close());
+    const entry = { client, closed: false };
+    (client as unknown as { socket: net.Socket }).socket.once('close', () => (entry.closed = true));
+    await client.request('volume.list', {});
+    open.push(entry);
+  }
+  return open;
+}
+
+t.test(`at ${controlConnectionsMax} idle connections a new one is served and the one idle longest is closed`, async (t) => {
+  const { socketPath } = await startServer(t);
+  const idle = await openConnections(t, socketPath, controlConnectionsMax);
+  // Activity on the first makes the second the one idle longest.
+  await idle[0]!.client.request('volume.list', {});
+  const admin = await ControlClient.connect({ socketPath, timeoutMs: 5000 });
+  t.teardown(() => admin.close());
+  t.same(await admin.request('volume.list', {}), { volumes: [] }, 'the admin gets an answer');
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  t.same(
+    idle.flatMap((entry, index) => (entry.closed ? [index] : [])),
+    [1],
+    'exactly the connection idle longest was closed',
+  );
+  t.same(await idle[0]!.client.request('volume.list', {}), { volumes: [] }, 'the others still work');
+});
+
+t.test(`when all ${controlConnectionsMax} connections have a request running, a new one gets BM_ERR_TOO_MANY_CONNECTIONS`, async (t) => {
+  let open!: () => void;
+  const gate = new Promise<void>((resolve) => (open = resolve));
+  const { socketPath } = await startServer(t, { peerListGate: gate });
+  const busy = await openConnections(t, socketPath, controlConnectionsMax);
+  const running = busy.map((entry) => entry.client.request('peer.list', {}));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  const late = await ControlClient.connect({ socketPath, timeoutMs: 5000 });
+  t.teardown(() => late.close());
+  await t.rejects(late.request('volume.list', {}), { code: 'BM_ERR_TOO_MANY_CONNECTIONS' });
+  open();
+  t.same(await Promise.all(running), busy.map(() => ({ peers: [] })), 'the running requests all finish');
+  t.notOk(busy.some((entry) => entry.closed), 'no busy connection was closed');
 });
