@@ -4,6 +4,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
+import { defaults } from '../../src/config/config';
 import { haveTool, repoRoot } from '../helpers/daemon';
 import { scratchDir } from '../helpers/loop';
 
@@ -34,10 +35,16 @@ t.test('unit declares what the daemon relies on', async (t) => {
   t.same(settings('PrivateDevices'), ['no'], 'raw block devices must stay visible');
   t.ok(settings('DeviceAllow').includes('block-* rw'), 'all block device groups readable and writable');
   t.same(settings('RestrictAddressFamilies'), ['AF_UNIX AF_INET AF_INET6']);
-  const execStart = settings('ExecStart')[0] ?? '';
-  t.match(execStart, /^\/usr\/bin\/env blockmirrord /);
-  t.match(execStart, /--control-socket \/run\/blockmirror\/control\.sock/);
-  t.match(execStart, /--state-dir \/var\/lib\/blockmirror/);
+  // No path flags: they would override the config file's. The daemon's defaults must be the
+  // directories the unit creates and leaves writable.
+  t.same(settings('ExecStart'), ['/usr/bin/env blockmirrord']);
+  t.equal(path.dirname(defaults.controlSocket), '/run/blockmirror');
+  t.equal(path.dirname(defaults.nbdSocket), '/run/blockmirror');
+  t.equal(defaults.stateDir, '/var/lib/blockmirror');
+  // A crash loop must end in a failed unit: more restarts than the burst fit in the interval.
+  const seconds = (key: string): number => Number(/^(\d+)s$/.exec(settings(key)[0] ?? '')?.[1]);
+  const burst = Number(settings('StartLimitBurst')[0]);
+  t.ok(burst * seconds('RestartSec') < seconds('StartLimitIntervalSec'), `${burst} restarts ${seconds('RestartSec')} s apart fit in StartLimitIntervalSec=${seconds('StartLimitIntervalSec')}s`);
   // The daemon's own shutdown bound (25 s) must fit inside TimeoutStopSec.
   const stopSeconds = Number(/^(\d+)s$/.exec(settings('TimeoutStopSec')[0] ?? '')?.[1]);
   t.ok(stopSeconds > 25, `TimeoutStopSec=${stopSeconds}s leaves room for the 25 s drain`);
