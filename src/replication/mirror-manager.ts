@@ -39,6 +39,9 @@ export class MirrorManager {
   private readonly options: MirrorManagerOptions;
   private readonly logger: Logger;
   private readonly changes = new ChangeQueue();
+  /** mirror.add between its checks and its record: volume.remove and peer.remove run on their
+   *  own queues, so they must already see the volume and peer as used. */
+  private readonly adding: Array<{ volume: string; peer: string }> = [];
   /** The write-intent log of each volume that has running mirrors, by volume name. */
   private readonly intents = new Map<string, { log: WriteIntentLog; volume: ReplicaSource; metadata: VolumeMetadataOptions }>();
 
@@ -90,11 +93,11 @@ export class MirrorManager {
 
   /** Whether a volume or peer is used by a mirror (they cannot be removed while it is). */
   usesVolume(name: string): boolean {
-    return this.records().some((record) => record.volume === name);
+    return this.records().some((record) => record.volume === name) || this.adding.some((key) => key.volume === name);
   }
 
   usesPeer(name: string): boolean {
-    return this.records().some((record) => record.peer === name);
+    return this.records().some((record) => record.peer === name) || this.adding.some((key) => key.peer === name);
   }
 
   list(): MirrorInfo[] {
@@ -151,8 +154,17 @@ export class MirrorManager {
         error: null,
         createdAt: new Date().toISOString(),
       };
-      const intent = await this.intentFor(params.volume, source.volume);
-      this.persist([...records, record]);
+      // Everything above was checked without waiting; from here the volume and the peer count
+      // as used, so a concurrent volume.remove or peer.remove is refused instead of winning too.
+      const key = { volume: params.volume, peer: params.peer };
+      this.adding.push(key);
+      let intent: Awaited<ReturnType<MirrorManager['intentFor']>>;
+      try {
+        intent = await this.intentFor(params.volume, source.volume);
+        this.persist([...records, record]);
+      } finally {
+        this.adding.splice(this.adding.indexOf(key), 1);
+      }
       const mirror = this.create(record, source.volume, newMirrorMetadata(intent.metadata, record.id), intent.log);
       // Its bitmap file (all dirty) exists before the first write: a crash then costs no more
       // than the copy it needs anyway, and is not mistaken for lost metadata.
