@@ -185,7 +185,9 @@ class ControlConnection {
   /** Answer every complete line in `pending`, then read more. */
   private async serve(): Promise<void> {
     for (;;) {
-      if (this.ended) return;
+      // At shutdown the lines already received are still answered (BM_ERR_SHUTTING_DOWN): a
+      // pipelining client learns what happened to each request instead of losing them.
+      if (this.ended && !this.serverClosing()) return;
       const end = this.pending.indexOf(newline);
       if (end > controlLineBytesMax || (end === -1 && this.pending.length > controlLineBytesMax)) {
         this.rejectLongLine();

@@ -321,3 +321,25 @@ t.test(`when all ${controlConnectionsMax} connections have a request running, a 
   t.same(await Promise.all(running), busy.map(() => ({ peers: [] })), 'the running requests all finish');
   t.notOk(busy.some((entry) => entry.closed), 'no busy connection was closed');
 });
+
+t.test('pipelined requests still queued at shutdown are each answered with BM_ERR_SHUTTING_DOWN', async (t) => {
+  let open!: () => void;
+  const gate = new Promise<void>((resolve) => (open = resolve));
+  const { server, socketPath } = await startServer(t, { peerListGate: gate });
+  const lines = [{ id: 1, method: 'peer.list' }, { id: 2, method: 'volume.list' }, { id: 3, method: 'status' }].map((request) => JSON.stringify(request) + '\n');
+  const exchanged = exchange(socketPath, lines.join(''), 3);
+  await new Promise((resolve) => setTimeout(resolve, 50)); // the first request is running
+  const closed = server.close();
+  open();
+  const { replies } = await exchanged;
+  await closed;
+  t.same(replies[0], { id: 1, ok: true, result: { peers: [] } }, 'the running request finishes');
+  t.same(
+    replies.slice(1).map((reply) => [reply.id, reply.error?.code]),
+    [
+      [2, 'BM_ERR_SHUTTING_DOWN'],
+      [3, 'BM_ERR_SHUTTING_DOWN'],
+    ],
+    'the queued ones are refused, each by id',
+  );
+});
