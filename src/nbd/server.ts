@@ -52,6 +52,8 @@ const PAYLOAD_ALIGN_BYTES = 4096;
 /** At most one "connection refused" warning per this interval; the rest are counted in it. */
 const REFUSED_WARNING_INTERVAL_MS = 1_000;
 const CLOSE_LINGER_MS = 1_000;
+/** At close, how long a client still in the handshake may go on hearing NBD_REP_ERR_SHUTDOWN. */
+const HANDSHAKE_SHUTDOWN_GRACE_MS = 2_000;
 const UNIX_SOCKET_MODE = 0o660;
 
 function positiveInteger(name: string, value: number | undefined, fallback: number, min: number, max: number): number {
@@ -164,8 +166,20 @@ export class NbdServer {
 
   private async closeAll(): Promise<void> {
     const listenersClosed = this.listeners.map((listener) => new Promise<void>((resolve) => listener.close(() => resolve())));
-    for (const socket of this.handshakeSockets) socket.destroy();
+    // A client still haggling is answered NBD_REP_ERR_SHUTDOWN to its options (the spec's
+    // SHOULD) and may send NBD_OPT_ABORT; after a short grace it is cut off.
+    const handshakesEnded = [...this.handshakeSockets].map((socket) => {
+      const cutOff = setTimeout(() => socket.destroy(), Math.min(HANDSHAKE_SHUTDOWN_GRACE_MS, this.handshakeTimeoutMs));
+      return new Promise<void>((resolve) => {
+        if (socket.destroyed) resolve();
+        socket.once('close', () => {
+          clearTimeout(cutOff);
+          resolve();
+        });
+      });
+    });
     await Promise.all([...this.unsettled].map((transmission) => transmission.shutdown()));
+    await Promise.all(handshakesEnded);
     await Promise.all(listenersClosed);
     for (const path of this.unixPaths) {
       await fs.unlink(path).catch((error: NodeJS.ErrnoException) => {

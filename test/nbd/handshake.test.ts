@@ -180,6 +180,28 @@ t.test('OPT_ABORT is acknowledged and the connection closes', async (t) => {
   await client.closed;
 });
 
+t.test('a client haggling while the server closes gets NBD_REP_ERR_SHUTDOWN to its options, may abort, and is cut off after a grace', async (t) => {
+  const fx = await startServer(t, EXPORTS);
+  const polite = await NbdTestClient.connect(fx.socketPath);
+  await polite.startFixedNewstyle();
+  const silent = await NbdTestClient.connect(fx.socketPath);
+  await silent.startFixedNewstyle();
+  const started = Date.now();
+  const closed = fx.server.close();
+  const list = await polite.option(P.NBD_OPT_LIST);
+  t.equal(list.type, P.NBD_REP_ERR_SHUTDOWN, 'NBD_OPT_LIST: ERR_SHUTDOWN');
+  const go = await polite.option(P.NBD_OPT_GO, Buffer.from([0, 0, 0, 4, 0x76, 0x6f, 0x6c, 0x30, 0, 0]));
+  t.equal(go.type, P.NBD_REP_ERR_SHUTDOWN, 'NBD_OPT_GO: ERR_SHUTDOWN, no transmission');
+  const abort = await polite.option(P.NBD_OPT_ABORT);
+  t.equal(abort.type, P.NBD_REP_ACK, 'NBD_OPT_ABORT is still acknowledged');
+  polite.socket.end();
+  await polite.closed;
+  await silent.closed; // sends nothing: closed by the grace
+  await closed;
+  const tookMs = Date.now() - started;
+  t.ok(tookMs >= 1500 && tookMs < 5000, `close() waited for the silent client's grace, bounded (${tookMs} ms)`);
+});
+
 t.test('structured replies and meta contexts', async (t) => {
   const fx = await startServer(t, EXPORTS);
   const client = await NbdTestClient.connect(fx.socketPath);
