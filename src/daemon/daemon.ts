@@ -52,6 +52,7 @@ export class Daemon {
   private nbdListening = false;
   private nbdTcpPort: number | null = null;
   private stopping: Promise<void> | null = null;
+  private starting: Promise<void> | null = null;
 
   constructor(config: DaemonConfig, logger: Logger) {
     this.config = config;
@@ -59,7 +60,14 @@ export class Daemon {
     this.notifier = new SystemdNotifier(sdNotify, process.env, logger);
   }
 
-  async start(): Promise<void> {
+  /** Runs once. stop() waits for it: start's steps (recovering mirrors' metadata, starting them)
+   *  must not run alongside the teardown, which would close volumes under them. */
+  start(): Promise<void> {
+    this.starting ??= this.startOnce();
+    return this.starting;
+  }
+
+  private async startOnce(): Promise<void> {
     const { config, logger } = this;
     fs.mkdirSync(config.stateDir, { recursive: true, mode: stateDirMode });
     fs.mkdirSync(path.dirname(config.controlSocket), { recursive: true, mode: socketDirMode });
@@ -134,6 +142,7 @@ export class Daemon {
     });
     this.mirrors = mirrors;
     await mirrors.load(mirrorRecords);
+    await faultStartDelay(logger);
 
     await claimSocketPath(config.nbdSocket);
     this.checkNotStopping();
@@ -222,6 +231,12 @@ export class Daemon {
     const { logger } = this;
     this.notifier.stopWatchdog();
     this.notifier.stopping('shutting down');
+    // A signal during start: the step running finishes (bounded by the shutdown deadline), then
+    // start gives up at its next check and the teardown sees a consistent daemon.
+    if (this.starting !== null) {
+      logger.info('stop requested during start; waiting for the current start step');
+      await this.starting.catch(() => undefined);
+    }
     logger.info('stopping');
     let failed = false;
     const step = async (what: string, action: () => unknown): Promise<void> => {
@@ -310,4 +325,16 @@ function faultApplyDelayFromEnv(logger: Logger): number {
   if (!Number.isFinite(ms) || ms < 0 || ms > 1000) throw new Error(`BLOCKMIRROR_FAULT_TARGET_DELAY_MS must be 0..1000, got ${text}`);
   if (ms > 0) logger.warn({ maxDelayMs: ms }, 'FAULT INJECTION: replicated writes on this target are delayed at random (testing only)');
   return ms;
+}
+
+/** Test-only fault layer: BLOCKMIRROR_FAULT_START_DELAY_MS=N makes start pause N ms after the
+ *  mirrors were recovered and started, so a test can stop the daemon mid-start. Unset in production. */
+async function faultStartDelay(logger: Logger): Promise<void> {
+  const text = process.env.BLOCKMIRROR_FAULT_START_DELAY_MS;
+  if (text === undefined || text === '') return;
+  const ms = Number(text);
+  if (!Number.isFinite(ms) || ms < 0 || ms > 60_000) throw new Error(`BLOCKMIRROR_FAULT_START_DELAY_MS must be 0..60000, got ${text}`);
+  logger.warn({ delayMs: ms }, 'FAULT INJECTION: start pauses after loading mirrors (testing only)');
+  await new Promise((resolve) => setTimeout(resolve, ms));
+  logger.warn('FAULT INJECTION: start resumes');
 }

@@ -1,4 +1,5 @@
 // blockmirrord as a process: start, lock, signals, sd_notify, restart with the registry.
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -171,4 +172,32 @@ t.test('a damaged registry stops the start with BM_ERR_STATE_CORRUPT instead of 
   t.equal((await daemon.exited).code, 1);
   t.match(daemon.stderr, /BM_ERR_STATE_CORRUPT: volume registry .*volumes\.json: volumes\[0\]\./);
   t.notOk(fs.existsSync(paths.controlSocket));
+});
+
+t.test('SIGTERM while the start is still loading mirrors: the stop waits for that step, then exits 0 with nothing left half-done', async (t) => {
+  const first = await startDaemon(t, { args: ['--node-name', 'hostA'] });
+  const paths = first.paths;
+  const secretFile = path.join(paths.dir, 'hostB.key');
+  fs.writeFileSync(secretFile, crypto.randomBytes(32).toString('hex'), { mode: 0o600 });
+  await first.request('peer.add', { name: 'hostB', address: '127.0.0.1:9', secretFile });
+  await first.request('volume.add', { name: 'vol0', device: scratchDevice(t, 4 * 1024 * 1024, { forceFile: true }).path });
+  await first.request('mirror.add', { volume: 'vol0', peer: 'hostB', target: 'vol0' });
+  t.same(await first.stop('SIGTERM'), { code: 0, signal: null });
+
+  const second = spawnDaemon(t, { paths, args: ['--node-name', 'hostA'], env: { BLOCKMIRROR_FAULT_START_DELAY_MS: '1500' } });
+  const deadline = Date.now() + 15_000;
+  while (!second.logs().some((line) => line.msg === 'FAULT INJECTION: start pauses after loading mirrors (testing only)') && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  process.kill(second.pid, 'SIGTERM');
+  t.same(await second.exited, { code: 0, signal: null }, 'a clean stop');
+  const messages = second.logs().map((line) => String(line.msg));
+  t.ok(messages.indexOf('FAULT INJECTION: start resumes') !== -1, 'the start step finished');
+  t.ok(messages.indexOf('FAULT INJECTION: start resumes') < messages.indexOf('stopping'), 'before the teardown began');
+  t.same(second.logs().filter((line) => Number(line.level) >= 50).map((line) => line.msg), [], 'nothing failed during the stop');
+  t.notOk(messages.includes('ready'), 'it never reported ready');
+
+  const third = await startDaemon(t, { paths, args: ['--node-name', 'hostA'] });
+  const status = await third.request('mirror.status', { volume: 'vol0' });
+  t.equal(status.mirrors.length, 1, 'the mirror is still there after the interrupted start');
 });
