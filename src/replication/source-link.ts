@@ -175,8 +175,9 @@ export class SourceLink {
   }
 
   /** BitmapRequest: the target's regions written while promoted, as its parts (null: the link
-   *  closed first). At most `partsMax` parts are taken; more close the link. */
-  requestBitmap(partsMax: number): Promise<BitmapPart[] | null> {
+   *  closed first). At most `partsMax` parts are taken; more close the link, and so does a part
+   *  `check` throws for (it runs before the part's bytes are kept). */
+  requestBitmap(partsMax: number, check: (header: BitmapExchange, payloadBytes: number) => void): Promise<BitmapPart[] | null> {
     if (this.closeReason !== null) return Promise.resolve(null);
     const sequence = this.nextSequence++;
     return new Promise((resolve) => {
@@ -185,6 +186,7 @@ export class SourceLink {
         sentMs: performance.now(),
         take: (message, payload) => {
           if (message.kind !== 'bitmapExchange') throw new Error(`protocol error: ${message.kind} answers a bitmap request`);
+          check(message.body, payload?.length ?? 0);
           parts.push({ header: message.body, bits: Buffer.from(payload ?? Buffer.alloc(0)) });
           if (parts.length > partsMax) throw new Error(`protocol error: the target sent more than ${partsMax} bitmap parts`);
           if (message.body.last) resolve(parts);

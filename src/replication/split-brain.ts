@@ -5,6 +5,7 @@
 // and either sends the union to the target (discard peer) or restores it from the target
 // (discard this).
 import type { DirtyBitmap } from '../native/index';
+import type { BitmapExchange } from '../wire/index';
 import type { BitmapPart, SourceLink } from './source-link';
 
 export class SplitBrainProtocolError extends Error {
@@ -15,6 +16,35 @@ export class SplitBrainProtocolError extends Error {
  *  MiB parts (the target's own part size is larger): a bound, not the expected count. */
 export function bitmapPartsMax(sizeBytes: number): number {
   return Math.ceil(sizeBytes / 512 / (8 * 1024 * 1024)) + 1;
+}
+
+/** The region sizes a target's bitmap may use: a power of two from 512 bytes on. */
+function checkRegionBytes(regionBytes: number): void {
+  if (!Number.isSafeInteger(regionBytes) || regionBytes < 512 || (regionBytes & (regionBytes - 1)) !== 0) {
+    throw new SplitBrainProtocolError(`the target's bitmap has ${regionBytes}-byte regions`);
+  }
+}
+
+/** Checks each bitmap part as it arrives, before the source keeps its bytes: the parts must
+ *  follow each other from region 0 within the target's volume, each exactly as long as its
+ *  region count needs. So what a target can make the source hold is the bitmap of its volume,
+ *  not a frame limit times the part count. */
+export function bitmapPartChecker(peerSizeBytes: number): (header: BitmapExchange, payloadBytes: number) => void {
+  let regionBytes = 0;
+  let regionCount = 0;
+  let nextRegion = 0;
+  return (header, payloadBytes) => {
+    if (regionBytes === 0) {
+      checkRegionBytes(header.regionBytes);
+      regionBytes = header.regionBytes;
+      regionCount = Math.ceil(peerSizeBytes / regionBytes);
+    }
+    if (header.regionBytes !== regionBytes || header.firstRegion !== nextRegion || header.regionCount <= 0 || payloadBytes !== Math.ceil(header.regionCount / 8)) {
+      throw new SplitBrainProtocolError(`bitmap part at region ${header.firstRegion} (${header.regionCount} regions, ${payloadBytes} bytes) does not follow the one before it`);
+    }
+    nextRegion += header.regionCount;
+    if (nextRegion > regionCount) throw new SplitBrainProtocolError(`the target's bitmap covers more than its ${peerSizeBytes}-byte volume`);
+  };
 }
 
 /**
@@ -28,9 +58,7 @@ export function mergePeerBitmap(parts: readonly BitmapPart[], peerSizeBytes: num
   const first = parts[0];
   if (first === undefined) throw new SplitBrainProtocolError('the target sent no bitmap');
   const regionBytes = first.header.regionBytes;
-  if (!Number.isSafeInteger(regionBytes) || regionBytes < 512 || (regionBytes & (regionBytes - 1)) !== 0) {
-    throw new SplitBrainProtocolError(`the target's bitmap has ${regionBytes}-byte regions`);
-  }
+  checkRegionBytes(regionBytes);
   const regionCount = Math.ceil(peerSizeBytes / regionBytes);
   for (const [index, part] of parts.entries()) {
     const { header, bits } = part;
