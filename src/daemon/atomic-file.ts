@@ -4,6 +4,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 
+/** Throws when the new content may not be durable; the file then holds the old content again
+ *  (callers roll back their change in memory, so the file must agree with them). */
 export function writeFileAtomicSync(targetPath: string, data: string | Uint8Array, mode: number): void {
   const directory = path.dirname(targetPath);
   const tempPath = path.join(directory, `.${path.basename(targetPath)}.tmp-${process.pid}`);
@@ -17,12 +19,44 @@ export function writeFileAtomicSync(targetPath: string, data: string | Uint8Arra
     throw error;
   }
   fs.closeSync(fd);
+  // A second name for the old content, so a failed directory fsync can put it back.
+  const oldPath = path.join(directory, `.${path.basename(targetPath)}.old-${process.pid}`);
+  // 'none': there is no old file; 'unkept': a filesystem without hard links (nothing to put back).
+  let old: 'kept' | 'none' | 'unkept' = 'unkept';
+  try {
+    fs.rmSync(oldPath, { force: true });
+    fs.linkSync(targetPath, oldPath);
+    old = 'kept';
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') old = 'none';
+  }
+  let keptOld = old === 'kept';
   try {
     fs.renameSync(tempPath, targetPath);
   } catch (error) {
     fs.rmSync(tempPath, { force: true });
+    if (keptOld) fs.rmSync(oldPath, { force: true });
     throw error;
   }
+  try {
+    syncDirectory(directory);
+  } catch (error) {
+    // The new content is visible but not durable, and the caller will act as if it was never
+    // written: put the old content back (or no file, if there was none).
+    try {
+      if (old === 'kept') fs.renameSync(oldPath, targetPath);
+      else if (old === 'none') fs.rmSync(targetPath, { force: true });
+      keptOld = false;
+    } catch {
+      // Left as it is: the error below still reaches the admin.
+    }
+    throw error;
+  } finally {
+    if (keptOld) fs.rmSync(oldPath, { force: true });
+  }
+}
+
+function syncDirectory(directory: string): void {
   const directoryFd = fs.openSync(directory, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
   try {
     fs.fsyncSync(directoryFd);

@@ -65,6 +65,34 @@ t.test('writeFileAtomicSync replaces the whole file and cleans up on failure', a
   t.same(fs.readdirSync(dir).sort(), ['dir-target', 'f.json']);
 });
 
+t.test('writeFileAtomicSync: a failing directory fsync leaves the old content (or no file), as the caller rolls back', async (t) => {
+  const dir = scratchDir(t, 'bm-reg-');
+  const target = path.join(dir, 'f.json');
+  writeFileAtomicSync(target, 'old', 0o600);
+  const realFsync = fs.fsyncSync;
+  const directoryFds = new Set<number>();
+  const realOpen = fs.openSync;
+  (fs as { openSync: typeof fs.openSync }).openSync = ((file: fs.PathLike, flags?: fs.OpenMode, mode?: fs.Mode | null) => {
+    const fd = realOpen(file, flags, mode);
+    if (typeof flags === 'number' && (flags & fs.constants.O_DIRECTORY) !== 0) directoryFds.add(fd);
+    return fd;
+  }) as typeof fs.openSync;
+  (fs as { fsyncSync: typeof fs.fsyncSync }).fsyncSync = (fd: number) => {
+    if (directoryFds.has(fd)) throw Object.assign(new Error('EIO: i/o error, fsync (test)'), { code: 'EIO' });
+    realFsync(fd);
+  };
+  t.teardown(() => {
+    (fs as { openSync: typeof fs.openSync }).openSync = realOpen;
+    (fs as { fsyncSync: typeof fs.fsyncSync }).fsyncSync = realFsync;
+  });
+  t.throws(() => writeFileAtomicSync(target, 'new', 0o600), { code: 'EIO' });
+  t.equal(fs.readFileSync(target, 'utf8'), 'old', 'the old content is back');
+  const fresh = path.join(dir, 'fresh.json');
+  t.throws(() => writeFileAtomicSync(fresh, 'new', 0o600), { code: 'EIO' });
+  t.notOk(fs.existsSync(fresh), 'a file that did not exist does not appear');
+  t.same(fs.readdirSync(dir), ['f.json'], 'no temp or backup file is left');
+});
+
 t.test('records from before roles load as primaries (FastResync on); mirror records round-trip', async (t) => {
   const dir = scratchDir(t, 'bm-reg-');
   const { role: _role, fastResync: _fastResync, ...legacy } = record;
