@@ -41,6 +41,7 @@ export class ControlServer {
   private readonly connections = new Set<ControlConnection>();
   private socketPath: string | null = null;
   private closing = false;
+  private lastRefusalWarningMs = 0;
 
   constructor(options: ControlServerOptions) {
     this.handlers = options.handlers;
@@ -84,26 +85,39 @@ export class ControlServer {
       return;
     }
     // At the limit, the connection idle longest makes room: leaked or forgotten clients must not
-    // lock the admin out. Only when every connection has a request running is the new one refused.
+    // lock the admin out. Only when no connection can go is the new one refused.
     if (this.connections.size >= controlConnectionsMax) {
+      const now = Date.now();
       let idlest: ControlConnection | undefined;
       for (const candidate of this.connections) {
-        if (candidate.idle && (idlest === undefined || candidate.lastActivityMs < idlest.lastActivityMs)) idlest = candidate;
+        if (candidate.evictable(now) && (idlest === undefined || candidate.lastActivityMs < idlest.lastActivityMs)) idlest = candidate;
       }
       if (idlest === undefined) {
-        this.logger.warn({ connections: this.connections.size }, 'control connection refused: every connection has a request running');
-        const reply: Response = { id: null, ok: false, error: { code: ControlErrorCode.TooManyConnections, message: `${controlConnectionsMax} control connections are busy; try again` } };
-        socket.on('error', () => undefined);
-        // Closed once the reply is with the kernel (a Unix socket: the client still reads it).
-        socket.end(JSON.stringify(reply) + '\n', () => socket.destroy());
+        this.refuse(socket);
         return;
       }
-      this.logger.info({ idleMs: Date.now() - idlest.lastActivityMs }, 'control connection limit reached: closing the connection idle longest');
+      this.logger.info({ idleMs: now - idlest.lastActivityMs }, 'control connection limit reached: closing the connection idle longest');
       idlest.evict();
     }
     const connection = new ControlConnection(socket, this.logger, (method, params) => this.dispatch(method, params), () => this.closing);
     this.connections.add(connection);
     socket.once('close', () => this.connections.delete(connection));
+  }
+
+  /** Every connection is busy: say so and close. The client's request (sent after it connected)
+   *  is read and dropped, so its write does not fail before it reads the answer. */
+  private refuse(socket: net.Socket): void {
+    const now = Date.now();
+    if (now - this.lastRefusalWarningMs >= refusalWarningIntervalMs) {
+      this.lastRefusalWarningMs = now;
+      this.logger.warn({ connections: this.connections.size }, 'control connection refused: every connection is busy');
+    }
+    const reply: Response = { id: null, ok: false, error: { code: ControlErrorCode.TooManyConnections, message: `${controlConnectionsMax} control connections are busy; try again` } };
+    socket.on('error', () => undefined);
+    socket.resume();
+    socket.end(JSON.stringify(reply) + '\n');
+    // Closes when the client hangs up, or after a second.
+    setTimeout(() => socket.destroy(), refusedLingerMs).unref();
   }
 
   private dispatch(method: MethodName, params: unknown): Promise<unknown> {
@@ -114,6 +128,15 @@ export class ControlServer {
 
 /** At shutdown, how long a connection may take to flush its last replies to its client. */
 const shutdownGraceMs = 2_000;
+/** A refused connection is closed after this, if its client has not hung up. */
+const refusedLingerMs = 1_000;
+const refusalWarningIntervalMs = 1_000;
+/** A new connection that has not sent a request yet is not closed for another for this long. */
+const newConnectionGraceMs = 1_000;
+/** A client that does not take its reply for this long may be closed for another connection. */
+const unreadReplyEvictMs = 10_000;
+/** After BM_ERR_LINE_TOO_LONG, how long the client has to hang up. */
+const rejectedLingerMs = 2_000;
 
 type Dispatch = (method: MethodName, params: unknown) => Promise<unknown>;
 
@@ -127,6 +150,10 @@ class ControlConnection {
   private ended = false;
   /** When the client last sent bytes or was last answered. */
   lastActivityMs = Date.now();
+  private readonly connectedMs = Date.now();
+  private answered = 0;
+  /** A reply is written and the client has not taken it (the socket's buffer is full). */
+  private waitingForClient = false;
 
   constructor(
     private readonly socket: net.Socket,
@@ -159,9 +186,14 @@ class ControlConnection {
     this.socket.destroySoon();
   }
 
-  /** No request running or waiting for its reply to be taken: closing it loses nothing. */
-  get idle(): boolean {
-    return this.running === null && !this.ended;
+  /** Whether closing it for a new connection loses nothing that matters: no request running
+   *  (and not a new client about to send its first one), a connection already refused for a
+   *  too-long line, or a client that has not taken its reply for a long time. */
+  evictable(now: number): boolean {
+    if (this.socket.destroyed) return false;
+    if (this.ended) return !this.serverClosing();
+    if (this.running === null) return this.answered > 0 || now - this.connectedMs >= newConnectionGraceMs;
+    return this.waitingForClient && now - this.lastActivityMs >= unreadReplyEvictMs;
   }
 
   /** Closes an idle connection to make room for a new one (its client reconnects if it needs to). */
@@ -188,6 +220,7 @@ class ControlConnection {
       // At shutdown the lines already received are still answered (BM_ERR_SHUTTING_DOWN): a
       // pipelining client learns what happened to each request instead of losing them.
       if (this.ended && !this.serverClosing()) return;
+      if (this.serverClosing()) this.takeBuffered();
       const end = this.pending.indexOf(newline);
       if (end > controlLineBytesMax || (end === -1 && this.pending.length > controlLineBytesMax)) {
         this.rejectLongLine();
@@ -198,7 +231,10 @@ class ControlConnection {
       this.pending = this.pending.subarray(end + 1);
       const reply = await this.answer(line);
       if (this.socket.destroyed) return;
+      this.answered++;
+      this.lastActivityMs = Date.now();
       if (!this.socket.write(JSON.stringify(reply) + '\n')) {
+        this.waitingForClient = true;
         await new Promise<void>((resolve) => {
           const done = (): void => {
             this.socket.off('drain', done);
@@ -208,12 +244,21 @@ class ControlConnection {
           this.socket.on('drain', done);
           this.socket.on('close', done);
         });
+        this.waitingForClient = false;
       }
     }
     this.lastActivityMs = Date.now();
     // Keep a copy of the partial line, not a view that pins the whole chunk it came from.
     this.pending = Buffer.from(this.pending);
     if (!this.ended && !this.socket.destroyed) this.socket.resume();
+  }
+
+  /** At shutdown: what Node has read from the paused socket but not delivered joins `pending`,
+   *  so requests sent after the running one are answered too (what is still in the kernel is not). */
+  private takeBuffered(): void {
+    for (let chunk = this.socket.read() as Buffer | null; chunk !== null && this.pending.length <= controlLineBytesMax; chunk = this.socket.read() as Buffer | null) {
+      this.pending = Buffer.concat([this.pending, chunk]);
+    }
   }
 
   /** The framing is lost: say why and hang up (earlier complete lines were already answered). */
@@ -225,7 +270,12 @@ class ControlConnection {
       ok: false,
       error: { code: ControlErrorCode.LineTooLong, message: `request line longer than ${controlLineBytesMax} bytes` },
     };
-    if (!this.socket.destroyed) this.socket.end(JSON.stringify(reply) + '\n');
+    if (this.socket.destroyed) return;
+    // Discard what follows and close once the client hangs up (or after a grace): a paused
+    // socket would never see its FIN and would hold a connection slot.
+    this.socket.resume();
+    this.socket.end(JSON.stringify(reply) + '\n');
+    setTimeout(() => this.socket.destroy(), rejectedLingerMs).unref();
   }
 
   private async answer(line: string): Promise<Response> {

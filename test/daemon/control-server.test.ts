@@ -33,7 +33,28 @@ function fakeVolume(name: string): VolumeInfo {
   };
 }
 
-async function startServer(t: Test, options: { peerListGate?: Promise<void> } = {}) {
+/** peer.list waits for `promise`; `entered` counts the calls that reached the handler. */
+interface Gate {
+  promise: Promise<void>;
+  open: () => void;
+  entered: number;
+}
+
+function gate(): Gate {
+  let open!: () => void;
+  const promise = new Promise<void>((resolve) => (open = resolve));
+  return { promise, open, entered: 0 };
+}
+
+async function until(condition: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+async function startServer(t: Test, options: { peerListGate?: Gate } = {}) {
   const dir = scratchDir(t, 'bm-ctl-');
   const socketPath = path.join(dir, 'control.sock');
   const calls: Array<{ method: string; params: unknown }> = [];
@@ -68,7 +89,10 @@ async function startServer(t: Test, options: { peerListGate?: Promise<void> } = 
       return { name: params.name, address: params.address, host: '', port: 1, secretFile: params.secretFile, createdAt: '' };
     },
     'peer.list': async () => {
-      await options.peerListGate;
+      if (options.peerListGate !== undefined) {
+        options.peerListGate.entered++;
+        await options.peerListGate.promise;
+      }
       return { peers: [] };
     },
     'peer.info': async (params) => {
@@ -307,32 +331,82 @@ t.test(`at ${controlConnectionsMax} idle connections a new one is served and the
   t.same(await idle[0]!.client.request('volume.list', {}), { volumes: [] }, 'the others still work');
 });
 
+/** A raw connection that sends `line` only after `delayMs` (as a slow CLI would), and collects
+ *  what the server answers until it hangs up. */
+function slowRequest(socketPath: string, line: string, delayMs: number): Promise<{ text: string; writeError: string | null }> {
+  return new Promise((resolve) => {
+    // allowHalfOpen: like a client busy elsewhere, it does not react to the server's FIN before
+    // it writes; it hangs up after writing.
+    const socket = net.connect({ path: socketPath, allowHalfOpen: true });
+    let text = '';
+    let writeError: string | null = null;
+    socket.setEncoding('utf8');
+    socket.on('data', (chunk: string) => (text += chunk));
+    socket.on('error', (error: NodeJS.ErrnoException) => (writeError = error.code ?? error.message));
+    socket.on('close', () => resolve({ text, writeError }));
+    socket.once('connect', () => setTimeout(() => socket.end(line), delayMs));
+  });
+}
+
 t.test(`when all ${controlConnectionsMax} connections have a request running, a new one gets BM_ERR_TOO_MANY_CONNECTIONS`, async (t) => {
-  let open!: () => void;
-  const gate = new Promise<void>((resolve) => (open = resolve));
-  const { socketPath } = await startServer(t, { peerListGate: gate });
+  const running = gate();
+  const { socketPath } = await startServer(t, { peerListGate: running });
   const busy = await openConnections(t, socketPath, controlConnectionsMax);
-  const running = busy.map((entry) => entry.client.request('peer.list', {}));
-  await new Promise((resolve) => setTimeout(resolve, 50));
+  const requests = busy.map((entry) => entry.client.request('peer.list', {}));
+  await until(() => running.entered === controlConnectionsMax, 'every request in its handler');
+  // The client writes its request 100 ms after connecting, after the server already answered.
+  const refused = await slowRequest(socketPath, JSON.stringify({ id: 1, method: 'volume.list' }) + '\n', 100);
+  t.equal(refused.writeError, null, 'the late request could still be written');
+  t.same(JSON.parse(refused.text), { id: null, ok: false, error: { code: 'BM_ERR_TOO_MANY_CONNECTIONS', message: `${controlConnectionsMax} control connections are busy; try again` } });
   const late = await ControlClient.connect({ socketPath, timeoutMs: 5000 });
   t.teardown(() => late.close());
-  await t.rejects(late.request('volume.list', {}), { code: 'BM_ERR_TOO_MANY_CONNECTIONS' });
-  open();
-  t.same(await Promise.all(running), busy.map(() => ({ peers: [] })), 'the running requests all finish');
+  await t.rejects(late.request('volume.list', {}), { code: 'BM_ERR_TOO_MANY_CONNECTIONS' }, 'ControlClient reports the code');
+  running.open();
+  t.same(await Promise.all(requests), busy.map(() => ({ peers: [] })), 'the running requests all finish');
   t.notOk(busy.some((entry) => entry.closed), 'no busy connection was closed');
 });
 
+t.test('a connection that has not sent its first request yet is not closed for a newer one', async (t) => {
+  const running = gate();
+  const { socketPath } = await startServer(t, { peerListGate: running });
+  const busy = await openConnections(t, socketPath, controlConnectionsMax - 1);
+  const requests = busy.map((entry) => entry.client.request('peer.list', {}));
+  await until(() => running.entered === controlConnectionsMax - 1, 'every request in its handler');
+  const fresh = slowRequest(socketPath, JSON.stringify({ id: 'fresh', method: 'volume.list' }) + '\n', 300);
+  await new Promise((resolve) => setTimeout(resolve, 50)); // connected, nothing sent yet
+  const newer = await slowRequest(socketPath, JSON.stringify({ id: 'newer', method: 'volume.list' }) + '\n', 0);
+  t.match(newer.text, /BM_ERR_TOO_MANY_CONNECTIONS/, 'the newer connection is refused');
+  const served = await fresh;
+  t.same(JSON.parse(served.text), { id: 'fresh', ok: true, result: { volumes: [] } }, 'the fresh connection kept its slot and was served');
+  running.open();
+  await Promise.all(requests);
+});
+
 t.test('pipelined requests still queued at shutdown are each answered with BM_ERR_SHUTTING_DOWN', async (t) => {
-  let open!: () => void;
-  const gate = new Promise<void>((resolve) => (open = resolve));
-  const { server, socketPath } = await startServer(t, { peerListGate: gate });
-  const lines = [{ id: 1, method: 'peer.list' }, { id: 2, method: 'volume.list' }, { id: 3, method: 'status' }].map((request) => JSON.stringify(request) + '\n');
-  const exchanged = exchange(socketPath, lines.join(''), 3);
-  await new Promise((resolve) => setTimeout(resolve, 50)); // the first request is running
+  const running = gate();
+  const { server, socketPath } = await startServer(t, { peerListGate: running });
+  const socket = net.connect(socketPath);
+  t.teardown(() => socket.destroy());
+  const replies: any[] = [];
+  let buffered = '';
+  socket.setEncoding('utf8');
+  socket.on('data', (text: string) => {
+    buffered += text;
+    for (let end = buffered.indexOf('\n'); end !== -1; end = buffered.indexOf('\n')) {
+      replies.push(JSON.parse(buffered.slice(0, end)));
+      buffered = buffered.slice(end + 1);
+    }
+  });
+  const closedByServer = new Promise((resolve) => socket.once('close', resolve));
+  socket.write(JSON.stringify({ id: 1, method: 'peer.list' }) + '\n');
+  await until(() => running.entered === 1, 'the first request in its handler');
+  // Sent while the first runs, in a write of its own.
+  socket.write([{ id: 2, method: 'volume.list' }, { id: 3, method: 'status' }].map((request) => JSON.stringify(request) + '\n').join(''));
+  await new Promise((resolve) => setTimeout(resolve, 50));
   const closed = server.close();
-  open();
-  const { replies } = await exchanged;
+  running.open();
   await closed;
+  await closedByServer;
   t.same(replies[0], { id: 1, ok: true, result: { peers: [] } }, 'the running request finishes');
   t.same(
     replies.slice(1).map((reply) => [reply.id, reply.error?.code]),
@@ -342,4 +416,18 @@ t.test('pipelined requests still queued at shutdown are each answered with BM_ER
     ],
     'the queued ones are refused, each by id',
   );
+});
+
+t.test('a client refused for a too-long line that never hangs up does not keep its slot', async (t) => {
+  const { socketPath } = await startServer(t);
+  const socket = net.connect({ path: socketPath, allowHalfOpen: true }); // does not end when the server does
+  t.teardown(() => socket.destroy());
+  socket.on('data', () => undefined);
+  const failed = new Promise<string>((resolve) => socket.on('error', (error: NodeJS.ErrnoException) => resolve(error.code ?? error.message)));
+  socket.write(Buffer.alloc(controlLineBytesMax + 10, 'a'));
+  await new Promise((resolve) => setTimeout(resolve, 2500));
+  // The server closed its end: a write now fails instead of filling a buffer nobody reads.
+  socket.write('{"id":1,"method":"status"}\n');
+  const code = await Promise.race([failed, new Promise<string>((resolve) => setTimeout(() => resolve('no error: the server still holds the connection'), 2000))]);
+  t.equal(code, 'EPIPE');
 });
