@@ -24,7 +24,7 @@ import { LinkSetupError, SourceLink, type SendResult } from './source-link';
 import { SyncDeadline, syncPolicyOf, type MirrorSettings } from './sync-timeout';
 import { dirtyRunsBetween } from '../write-intent/bitmap-file';
 import { newGeneration } from './generation';
-import { bitmapPartChecker, bitmapPartsMax, mergePeerBitmap, restoreFromPeer } from './split-brain';
+import { bitmapPartsMax, PeerBitmapReceiver, restoreFromPeer } from './split-brain';
 
 /** Dirty-bitmap granularity: 64 KiB regions cost 2 MiB of bitmap per TiB. */
 export const REGION_BYTES = 64 * 1024;
@@ -943,9 +943,12 @@ export class Mirror implements VolumeReplica {
       return severe(`split brain: ${sides}, and the daemon on ${this.record.peer} cannot send its bitmap; resolve by hand (mirror reset copies everything)`);
     }
     this.logger.warn({ discard, peerDivergedBytes: reply.divergedBytes, localDirtyBytes: splitBrain.localDirtyBytes }, `split brain: resolving by discarding ${discard === 'peer' ? 'the target\'s changes' : 'this side\'s changes'}`);
-    const parts = await link.requestBitmap(bitmapPartsMax(reply.sizeBytes), bitmapPartChecker(reply.sizeBytes));
-    if (parts === null) return this.resolveInterrupted(link);
-    mergePeerBitmap(parts, reply.sizeBytes, this.dirty);
+    // A malformed bitmap rejects (a protocol error): the driver logs it and retries with backoff.
+    const receiver = new PeerBitmapReceiver(reply.sizeBytes, this.dirty);
+    const received = await link.requestBitmap(bitmapPartsMax(reply.sizeBytes), (header, bits) => receiver.take(header, bits));
+    if (received === null) return this.resolveInterrupted(link);
+    receiver.finish();
+    this.dirty.merge(receiver.union);
     // The union is durable before the target may forget its half of it.
     await this.options.persistBitmap();
     if (discard === 'this') {

@@ -174,22 +174,27 @@ export class SourceLink {
     return this.track(sequence, () => this.channel.send(wireMessage('flush', { sequence })));
   }
 
-  /** BitmapRequest: the target's regions written while promoted, as its parts (null: the link
-   *  closed first). At most `partsMax` parts are taken; more close the link, and so does a part
-   *  `check` throws for (it runs before the part's bytes are kept). */
-  requestBitmap(partsMax: number, check: (header: BitmapExchange, payloadBytes: number) => void): Promise<BitmapPart[] | null> {
+  /** BitmapRequest: the target's regions written while promoted. Each part goes to `take` as it
+   *  arrives (its bytes are a view, valid only during the call); resolves true after the last
+   *  part, null when the link closed first. At most `partsMax` parts are taken. A part `take`
+   *  throws for, or one too many, closes the link and rejects with that error. */
+  requestBitmap(partsMax: number, take: (header: BitmapExchange, bits: Buffer) => void): Promise<true | null> {
     if (this.closeReason !== null) return Promise.resolve(null);
     const sequence = this.nextSequence++;
-    return new Promise((resolve) => {
-      const parts: BitmapPart[] = [];
+    return new Promise((resolve, reject) => {
+      let parts = 0;
       this.requests.set(sequence, {
         sentMs: performance.now(),
         take: (message, payload) => {
-          if (message.kind !== 'bitmapExchange') throw new Error(`protocol error: ${message.kind} answers a bitmap request`);
-          check(message.body, payload?.length ?? 0);
-          parts.push({ header: message.body, bits: Buffer.from(payload ?? Buffer.alloc(0)) });
-          if (parts.length > partsMax) throw new Error(`protocol error: the target sent more than ${partsMax} bitmap parts`);
-          if (message.body.last) resolve(parts);
+          try {
+            if (message.kind !== 'bitmapExchange') throw new Error(`protocol error: ${message.kind} answers a bitmap request`);
+            if (++parts > partsMax) throw new Error(`protocol error: the target sent more than ${partsMax} bitmap parts`);
+            take(message.body, payload ?? Buffer.alloc(0));
+          } catch (error) {
+            reject(error);
+            throw error; // closes the link
+          }
+          if (message.body.last) resolve(true);
           return message.body.last;
         },
         lost: () => resolve(null),

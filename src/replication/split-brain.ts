@@ -4,9 +4,9 @@
 // bitmap of what it wrote, ORs it into its own dirty bitmap (the union of both sides' changes)
 // and either sends the union to the target (discard peer) or restores it from the target
 // (discard this).
-import type { DirtyBitmap } from '../native/index';
+import { DirtyBitmap } from '../native/index';
 import type { BitmapExchange } from '../wire/index';
-import type { BitmapPart, SourceLink } from './source-link';
+import type { SourceLink } from './source-link';
 
 export class SplitBrainProtocolError extends Error {
   readonly code = 'BM_ERR_REPLICATION_PROTOCOL';
@@ -25,63 +25,66 @@ function checkRegionBytes(regionBytes: number): void {
   }
 }
 
-/** Checks each bitmap part as it arrives, before the source keeps its bytes: the parts must
- *  follow each other from region 0 within the target's volume, each exactly as long as its
- *  region count needs. So what a target can make the source hold is the bitmap of its volume,
- *  not a frame limit times the part count. */
-export function bitmapPartChecker(peerSizeBytes: number): (header: BitmapExchange, payloadBytes: number) => void {
-  let regionBytes = 0;
-  let regionCount = 0;
-  let nextRegion = 0;
-  return (header, payloadBytes) => {
-    if (regionBytes === 0) {
-      checkRegionBytes(header.regionBytes);
-      regionBytes = header.regionBytes;
-      regionCount = Math.ceil(peerSizeBytes / regionBytes);
-    }
-    if (header.regionBytes !== regionBytes || header.firstRegion !== nextRegion || header.regionCount <= 0 || payloadBytes !== Math.ceil(header.regionCount / 8)) {
-      throw new SplitBrainProtocolError(`bitmap part at region ${header.firstRegion} (${header.regionCount} regions, ${payloadBytes} bytes) does not follow the one before it`);
-    }
-    nextRegion += header.regionCount;
-    if (nextRegion > regionCount) throw new SplitBrainProtocolError(`the target's bitmap covers more than its ${peerSizeBytes}-byte volume`);
-  };
-}
-
 /**
- * ORs the target's regions (its bitmap parts, in order from region 0) into `into`, clipped to
- * our volume. Returns the bytes the target reported written. Parts that do not tile the
- * target's volume are a protocol error: a partial bitmap would hide changed regions.
+ * Takes the target's bitmap parts as they arrive and ORs their regions, clipped to our volume,
+ * into a bitmap of our own size: nothing of a part is kept, so what the source holds does not
+ * depend on the size the target claims. Each part must follow the one before it from region 0,
+ * exactly as long as its region count needs, and the parts must tile the target's volume (a
+ * partial bitmap would hide changed regions); anything else is a protocol error.
  */
-export function mergePeerBitmap(parts: readonly BitmapPart[], peerSizeBytes: number, into: DirtyBitmap): number {
-  let nextRegion = 0;
-  let peerBytes = 0;
-  const first = parts[0];
-  if (first === undefined) throw new SplitBrainProtocolError('the target sent no bitmap');
-  const regionBytes = first.header.regionBytes;
-  checkRegionBytes(regionBytes);
-  const regionCount = Math.ceil(peerSizeBytes / regionBytes);
-  for (const [index, part] of parts.entries()) {
-    const { header, bits } = part;
-    const last = index === parts.length - 1;
-    if (header.regionBytes !== regionBytes || header.firstRegion !== nextRegion || header.regionCount <= 0 || header.last !== last || bits.length !== Math.ceil(header.regionCount / 8)) {
-      throw new SplitBrainProtocolError(`bitmap part ${index} does not follow the one before it`);
+export class PeerBitmapReceiver {
+  /** The target's regions, on our volume. Merged into the mirror's dirty bitmap by the caller
+   *  once finish() accepted the whole bitmap. */
+  readonly union: DirtyBitmap;
+  /** Bytes the target reported written (its whole volume, not clipped). */
+  peerBytes = 0;
+  private regionBytes = 0;
+  private regionCount = 0;
+  private nextRegion = 0;
+  private ended = false;
+
+  constructor(
+    private readonly peerSizeBytes: number,
+    own: { sizeBytes: number; regionBytes: number },
+  ) {
+    this.union = new DirtyBitmap(own.sizeBytes, own.regionBytes);
+  }
+
+  take(header: BitmapExchange, bits: Buffer): void {
+    if (this.ended) throw new SplitBrainProtocolError('a bitmap part after the last one');
+    if (this.regionBytes === 0) {
+      checkRegionBytes(header.regionBytes);
+      this.regionBytes = header.regionBytes;
+      this.regionCount = Math.ceil(this.peerSizeBytes / this.regionBytes);
     }
-    nextRegion += header.regionCount;
-    if (nextRegion > regionCount) throw new SplitBrainProtocolError(`the target's bitmap covers more than its ${peerSizeBytes}-byte volume`);
+    const { regionBytes } = this;
+    if (header.regionBytes !== regionBytes || header.firstRegion !== this.nextRegion || header.regionCount <= 0 || bits.length !== Math.ceil(header.regionCount / 8)) {
+      throw new SplitBrainProtocolError(`bitmap part at region ${header.firstRegion} (${header.regionCount} regions, ${bits.length} bytes) does not follow the one before it`);
+    }
+    this.nextRegion += header.regionCount;
+    if (this.nextRegion > this.regionCount) throw new SplitBrainProtocolError(`the target's bitmap covers more than its ${this.peerSizeBytes}-byte volume`);
+    if (header.last !== (this.nextRegion === this.regionCount)) {
+      throw new SplitBrainProtocolError(`bitmap part at region ${header.firstRegion} is ${header.last ? '' : 'not '}marked last, at ${this.nextRegion} of ${this.regionCount} regions`);
+    }
+    this.ended = header.last;
+    const into = this.union;
     for (let byte = 0; byte < bits.length; byte++) {
       const value = bits[byte] as number;
       if (value === 0) continue;
       for (let bit = 0; bit < 8; bit++) {
         if ((value & (1 << bit)) === 0 || byte * 8 + bit >= header.regionCount) continue;
         const startBytes = (header.firstRegion + byte * 8 + bit) * regionBytes;
-        const endBytes = Math.min(startBytes + regionBytes, peerSizeBytes);
-        peerBytes += endBytes - startBytes;
+        const endBytes = Math.min(startBytes + regionBytes, this.peerSizeBytes);
+        this.peerBytes += endBytes - startBytes;
         if (startBytes < into.sizeBytes) into.setRange(startBytes, Math.min(endBytes, into.sizeBytes) - startBytes);
       }
     }
   }
-  if (nextRegion !== regionCount) throw new SplitBrainProtocolError(`the target's bitmap covers ${nextRegion} of its ${regionCount} regions`);
-  return peerBytes;
+
+  /** Throws unless the parts taken cover the target's whole volume. */
+  finish(): void {
+    if (!this.ended) throw new SplitBrainProtocolError(`the target's bitmap covers ${this.nextRegion} of its ${this.regionCount} regions`);
+  }
 }
 
 export interface RestoreOptions {
