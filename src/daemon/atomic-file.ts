@@ -19,8 +19,9 @@ export function writeFileAtomicSync(targetPath: string, data: string | Uint8Arra
     throw error;
   }
   fs.closeSync(fd);
-  // A second name for the old content, so a failed directory fsync can put it back.
-  const oldPath = path.join(directory, `.${path.basename(targetPath)}.old-${process.pid}`);
+  // A second name for the old content, so a failed directory fsync can put it back. No pid in
+  // it (one daemon per state dir): one left by a crash is replaced by the next write.
+  const oldPath = path.join(directory, `.${path.basename(targetPath)}.old`);
   // 'none': there is no old file; 'unkept': a filesystem without hard links (nothing to put back).
   let old: 'kept' | 'none' | 'unkept' = 'unkept';
   try {
@@ -52,7 +53,15 @@ export function writeFileAtomicSync(targetPath: string, data: string | Uint8Arra
     }
     throw error;
   } finally {
-    if (keptOld) fs.rmSync(oldPath, { force: true });
+    // Best effort: the new content is in place (or the old one is back), whatever this does. A
+    // name left behind by a crash here is removed by the next write of the same file.
+    if (keptOld) {
+      try {
+        fs.rmSync(oldPath, { force: true });
+      } catch {
+        // left for the next write
+      }
+    }
   }
 }
 

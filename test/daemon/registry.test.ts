@@ -72,7 +72,7 @@ t.test('writeFileAtomicSync: a failing directory fsync leaves the old content (o
   const realFsync = fs.fsyncSync;
   const directoryFds = new Set<number>();
   const realOpen = fs.openSync;
-  (fs as { openSync: typeof fs.openSync }).openSync = ((file: fs.PathLike, flags?: fs.OpenMode, mode?: fs.Mode | null) => {
+  (fs as { openSync: typeof fs.openSync }).openSync = ((file: fs.PathLike, flags: fs.OpenMode = 'r', mode?: fs.Mode | null) => {
     const fd = realOpen(file, flags, mode);
     if (typeof flags === 'number' && (flags & fs.constants.O_DIRECTORY) !== 0) directoryFds.add(fd);
     return fd;
