@@ -184,7 +184,7 @@ t.test('SIGTERM while the start is still loading mirrors: the stop waits for tha
   await first.request('mirror.add', { volume: 'vol0', peer: 'hostB', target: 'vol0' });
   t.same(await first.stop('SIGTERM'), { code: 0, signal: null });
 
-  const second = spawnDaemon(t, { paths, args: ['--node-name', 'hostA'], env: { BLOCKMIRROR_FAULT_START_DELAY_MS: '1500' } });
+  const second = spawnDaemon(t, { paths, args: ['--node-name', 'hostA'], env: { BLOCKMIRROR_FAULT_START_DELAY_MS: '5000' } });
   const deadline = Date.now() + 15_000;
   while (!second.logs().some((line) => line.msg === 'FAULT INJECTION: start pauses after loading mirrors (testing only)') && Date.now() < deadline) {
     await new Promise((resolve) => setTimeout(resolve, 20));

@@ -462,8 +462,15 @@ t.test('async mode: a catch-up copy never lands on the target before an async wr
   const A = randomBytes(1024 * KiB); // fills the async buffer
   const B = randomBytes(4 * KiB);
   let asyncOnTargetWhenCopyLanded: boolean | undefined;
-  // The target is slow to apply the async write; the copy of B's region is not delayed.
-  target.beforeWrite = (offsetBytes) => (offsetBytes === asyncOffset ? sleep(300).then(() => undefined) : undefined);
+  // The target applies the async write only once the copy of B's region was sent, so an
+  // unordered copy would land first.
+  const copiedBefore = mirror.info().sent.copyBytes + mirror.info().sent.zeroBytes;
+  target.beforeWrite = async (offsetBytes) => {
+    if (offsetBytes !== asyncOffset) return;
+    const deadline = Date.now() + 3000;
+    while (mirror.info().sent.copyBytes + mirror.info().sent.zeroBytes === copiedBefore && Date.now() < deadline) await sleep(5);
+    await sleep(100); // time for the copy to arrive (and, unordered, to land)
+  };
   target.afterWrite = (offsetBytes) => {
     if (offsetBytes === copiedOffset) asyncOnTargetWhenCopyLanded ??= slice(target.data, asyncOffset, A.length).equals(A);
   };
