@@ -463,7 +463,9 @@ class TargetSession {
     const invalid =
       (flags & ~(WriteFlag.ZEROES | WriteFlag.FUA | WriteFlag.ORDERED)) !== 0
         ? `unknown write flags ${flags}`
-        : lengthBytes <= 0
+        : ordered && (this.hello.capabilities & Capability.ORDERED_WRITES) === 0
+          ? 'ordered write, but the source did not ask for CAPABILITY_ORDERED_WRITES in its Hello'
+          : lengthBytes <= 0
           ? 'empty write'
           : offsetBytes + lengthBytes > this.hello.sizeBytes
             ? `write of ${lengthBytes} bytes at ${offsetBytes} is past the end of the ${this.hello.sizeBytes}-byte volume`

@@ -334,6 +334,18 @@ t.test('target listener against a fake source', async (t) => {
       assertDeviceIsModel(t, 'unknown flags');
     });
 
+    await t.test('an ordered write when the Hello did not ask for CAPABILITY_ORDERED_WRITES', async (t) => {
+      const peer = await openSession(t); // its Hello asks for no capability
+      const offset = 2 * MiB;
+      peer.send(wireMessage('write', { sequence: 1, offsetBytes: offset, lengthBytes: 4096, flags: WriteFlag.ORDERED }), Buffer.alloc(4096, 0xee));
+      const closed = await peer.untilClosed();
+      assertOnlyRefusals(t, closed, 'ERROR_CODE_PROTOCOL');
+      t.ok(readDevice(offset, 4096).equals(expected.subarray(offset, offset + 4096)), 'the addressed range is unchanged');
+      await expectWarning(t, peer.localAddress, { msg: 'replication connection dropped', reason: /did not ask for CAPABILITY_ORDERED_WRITES/ });
+      await assertServing(t);
+      assertDeviceIsModel(t, 'ordered write without the capability');
+    });
+
     for (const [name, second] of [['repeated', 5], ['decreasing', 3]] as const) {
       await t.test(`write with a ${name} sequence`, async (t) => {
         const peer = await openSession(t);
