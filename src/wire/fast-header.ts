@@ -173,6 +173,8 @@ export function decodeFastHeader(header: Uint8Array): WireMessage | undefined {
       break;
     case 'writeAck':
     case 'flushAck':
+      // protobufjs reads an enum as int32 (the low 32 bits): leave such values to it.
+      if ((values[1] as number) > 0x7fffffff) return undefined;
       body = { sequence: values[0], status: STATUS_NAMES[values[1] as number] ?? 'STATUS_UNSPECIFIED' };
       break;
     case 'resyncData':

@@ -148,6 +148,7 @@ t.test('unusual encodings: decoded as protobufjs does, or handed to it', async (
     ['an unknown status number', hex('5a 04 0801 1009')],
     ['a negative status', hex('5a 0d 0801 10 ffffffffffffffffff01')],
     ['flags past 32 bits', hex('52 08 0801 20 8080808010')],
+    ['a status past 32 bits (protobufjs keeps its low 32)', hex('5a 08 0801 10 8180808010')],
     ['ResyncData (two-byte tag)', hex('8201 06 0801 1002 1803')],
     ['a truncated header', hex('52 04 0801')],
     ['a length past the end', hex('52 7f 0801')],
