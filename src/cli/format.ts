@@ -137,9 +137,15 @@ const durationUnits: Record<string, number> = { ms: 1, s: 1000, m: 60_000, min: 
 /** "500ms" -> 500, "5s" -> 5000, "1.5s" -> 1500, "2m" -> 120000 (a unit is required: a bare
  *  number could mean seconds or milliseconds); null when not a positive whole number of ms. */
 export function parseDurationMs(text: string): number | null {
-  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)$/i.exec(text.trim());
+  const match = /^(\d+)(?:\.(\d+))?\s*(ms|s|m|min|h)$/i.exec(text.trim());
   if (match === null) return null;
-  const value = Number(match[1]) * (durationUnits[(match[2] ?? '').toLowerCase()] ?? NaN);
+  const unit = durationUnits[(match[3] ?? '').toLowerCase()] ?? NaN;
+  // Integer arithmetic: 4.1 * 60000 in floating point is 245999.99999999997, not a whole number.
+  const fraction = match[2] ?? '';
+  const scale = 10n ** BigInt(fraction.length);
+  const total = (BigInt(match[1] as string) * scale + BigInt(fraction === '' ? '0' : fraction)) * BigInt(unit);
+  if (total % scale !== 0n) return null; // not a whole number of milliseconds
+  const value = Number(total / scale);
   return Number.isSafeInteger(value) && value > 0 ? value : null;
 }
 

@@ -35,6 +35,15 @@ function usageError(message: string): BmError {
   return new BmError('BM_ERR_USAGE', message);
 }
 
+const timeoutMsMax = 2 ** 31 - 1;
+
+/** A path argument, relative to the working directory; empty is a usage error (path.resolve('')
+ *  would silently be the working directory). */
+function cliPath(flag: string, value: string): string {
+  if (value.trim() === '') throw usageError(`${flag}: expected a path, got an empty string`);
+  return path.resolve(value);
+}
+
 /** Run one request and print its result: JSON with --json, else the human rendering. */
 async function call<M extends MethodName>(
   program: Command,
@@ -43,9 +52,12 @@ async function call<M extends MethodName>(
   render: (result: MethodResults[M]) => string,
 ): Promise<void> {
   const options = program.opts<GlobalOptions>();
-  const timeoutMs = Number(options.timeout);
-  if (!Number.isSafeInteger(timeoutMs) || timeoutMs <= 0) throw usageError('--timeout: expected a positive number of milliseconds');
-  const client = await ControlClient.connect({ socketPath: path.resolve(options.socket), timeoutMs });
+  // Node's timers wait at most 2^31-1 ms (about 24.8 days); a longer one fires at once.
+  const timeoutMs = /^\d+$/.test(options.timeout) ? Number(options.timeout) : NaN;
+  if (!Number.isSafeInteger(timeoutMs) || timeoutMs <= 0 || timeoutMs > timeoutMsMax) {
+    throw usageError(`--timeout: expected a whole number of milliseconds from 1 to ${timeoutMsMax}`);
+  }
+  const client = await ControlClient.connect({ socketPath: cliPath('--socket', options.socket), timeoutMs });
   try {
     const result = await client.request(method, params);
     process.stdout.write(options.json ? JSON.stringify(result, null, 2) + '\n' : render(result));
@@ -103,7 +115,7 @@ function buildProgram(): Command {
       call(
         program,
         'volume.add',
-        { name, device: path.resolve(options.device), readOnly: options.readOnly, role: options.mirror ? 'mirror' : 'primary' },
+        { name, device: cliPath('--device', options.device), readOnly: options.readOnly, role: options.mirror ? 'mirror' : 'primary' },
         formatVolumeInfo,
       ),
     );
@@ -156,7 +168,7 @@ function buildProgram(): Command {
     .requiredOption('--secret-file <path>', 'file with the shared secret (mode 0600, at least 16 bytes); only the path is stored')
     .exitOverride()
     .action((name: string, options: { address: string; secretFile: string }) =>
-      call(program, 'peer.add', { name, address: options.address, secretFile: path.resolve(options.secretFile) }, formatPeerInfo),
+      call(program, 'peer.add', { name, address: options.address, secretFile: cliPath('--secret-file', options.secretFile) }, formatPeerInfo),
     );
   peer
     .command('list')

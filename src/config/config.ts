@@ -165,8 +165,15 @@ function cliError(flag: string, detail: string): BmError {
   return new BmError('BM_ERR_INVALID_ARGUMENT', `${flag}: ${detail}`);
 }
 
+/** A path from the command line, relative to the working directory. Empty is refused:
+ *  path.resolve('') is the working directory (/ under systemd). */
+function cliPath(flag: string, value: string): string {
+  if (value.trim() === '') throw cliError(flag, 'expected a path, got an empty string');
+  return path.resolve(value);
+}
+
 function cliSocketPath(flag: string, value: string): string {
-  const resolved = path.resolve(value);
+  const resolved = cliPath(flag, value);
   if (Buffer.byteLength(resolved) > socketPathBytesMax) throw cliError(flag, `expected at most ${socketPathBytesMax} bytes (sockaddr_un limit)`);
   return resolved;
 }
@@ -174,7 +181,7 @@ function cliSocketPath(flag: string, value: string): string {
 /** Merge defaults, file and flags (flags win). Relative paths on the command line are taken from
  *  the working directory; the file only accepts absolute paths. */
 export function resolveConfig(cli: CliConfig): DaemonConfig {
-  const configPath = cli.config === undefined ? defaultConfigPath : path.resolve(cli.config);
+  const configPath = cli.config === undefined ? defaultConfigPath : cliPath('--config', cli.config);
   const file = loadConfigFile(configPath, cli.config === undefined) ?? null;
 
   let nbdListen: HostPort | null = null;
@@ -214,7 +221,7 @@ export function resolveConfig(cli: CliConfig): DaemonConfig {
     nbdSocket: cli.nbdSocket !== undefined ? cliSocketPath('--nbd-socket', cli.nbdSocket) : (file?.nbdSocket ?? defaults.nbdSocket),
     nbdListen,
     replicationListen,
-    stateDir: cli.stateDir !== undefined ? path.resolve(cli.stateDir) : (file?.stateDir ?? defaults.stateDir),
+    stateDir: cli.stateDir !== undefined ? cliPath('--state-dir', cli.stateDir) : (file?.stateDir ?? defaults.stateDir),
     logLevel,
     configPath: file === null ? null : configPath,
   };

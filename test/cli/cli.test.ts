@@ -82,6 +82,20 @@ t.test('usage errors exit 2', async (t) => {
     const result = await runCli(['--socket', '/nonexistent/control.sock', ...args]);
     t.equal(result.code, 2, `blockmirror ${args.join(' ')}: ${result.stderr}`);
   }
+  // Past Node's 2^31-1 ms timer limit a timeout would fire at once; hex and empty paths are refused.
+  for (const args of [['--timeout', '3000000000', 'status'], ['--timeout', '0x10', 'status'], ['--timeout', '1e3', 'status'], ['volume', 'add', 'x', '--device', ''], ['peer', 'add', 'p', '--address', 'h:1', '--secret-file', '']]) {
+    const result = await runCli(['--socket', '/nonexistent/control.sock', ...args]);
+    t.equal(result.code, 2, `blockmirror ${args.join(' ')}: ${result.stderr}`);
+  }
+  const emptySocket = await runCli(['--socket', '', 'status']);
+  t.match(emptySocket.stderr, /BM_ERR_USAGE: --socket: expected a path/);
+  // Whole milliseconds in decimal units are valid: 4.1m is 246000 ms (floating point said 245999.99...).
+  for (const value of ['4.1m', '0.07h', '1.005s', '10ms']) {
+    const result = await runCli(['--socket', '/nonexistent/control.sock', 'mirror', 'set', 'v', '--sync-timeout', value]);
+    t.equal(result.code, 3, `--sync-timeout ${value} passes the CLI and fails only at connecting: ${result.stderr}`);
+  }
+  const fraction = await runCli(['--socket', '/nonexistent/control.sock', 'mirror', 'set', 'v', '--sync-timeout', '1.0005s']);
+  t.equal(fraction.code, 2, 'a fraction of a millisecond is refused');
   const help = await runCli(['--help']);
   t.equal(help.code, 0);
   t.match(help.stdout, /volume/);

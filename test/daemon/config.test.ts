@@ -68,6 +68,10 @@ t.test('flags override the file, the file overrides defaults', async (t) => {
   t.equal(flagged.logLevel, 'warn');
   t.throws(() => resolveConfig({ config: file, nbdListen: 'x' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: '--nbd-listen: expected HOST:PORT' });
   t.throws(() => resolveConfig({ config: file, logLevel: 'x' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: /^--log-level: / });
+  // path.resolve('') would be the working directory: / under systemd.
+  t.throws(() => resolveConfig({ config: file, stateDir: '' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: '--state-dir: expected a path, got an empty string' });
+  t.throws(() => resolveConfig({ config: file, controlSocket: ' ' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: /^--control-socket: / });
+  t.throws(() => resolveConfig({ config: '' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: /^--config: / });
   t.equal(resolveConfig({ config: file, nodeName: 'hostB' }).nodeName, 'hostB');
   t.throws(() => resolveConfig({ config: file, nodeName: 'no spaces' }), { code: 'BM_ERR_INVALID_ARGUMENT', message: /^--node-name: / });
   const badTiming = writeConfig(t, JSON.stringify({ replication: { backoffBaseMs: 5000, backoffMaxMs: 10 } }));
