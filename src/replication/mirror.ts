@@ -474,7 +474,9 @@ export class Mirror implements VolumeReplica {
       return;
     }
     const result = await this.deadline.track(this.flushTarget(link));
-    if (result !== 'ok') await this.holdWhileUnprotected(undefined, undefined, true);
+    // Even a flush the target confirmed: while a strict mirror resyncs, writes acknowledged
+    // before it may still be dirty, so it is held until INSYNC (reached through a target flush).
+    await this.holdWhileUnprotected(undefined, undefined, result !== 'ok');
   }
 
   // --- data path -----------------------------------------------------------------------------

@@ -103,6 +103,11 @@ export class FakeSource implements ReplicaSource {
     await replicated;
   }
 
+  /** A client's FLUSH: every replica is handed it, as Volume.flush does after the local flush. */
+  async clientFlush(): Promise<void> {
+    await Promise.all(this.replicas.map((replica) => replica.replicateFlush()));
+  }
+
   /** Runs when the mirror flushes the local device (after a restore). */
   onFlushLocal: () => void = () => undefined;
 

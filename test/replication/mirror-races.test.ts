@@ -113,6 +113,35 @@ t.test('strict mirror: a forwarded write whose link dropped before the target ap
   t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
 
+t.test('strict mirror: a client flush while the mirror resyncs with the link up completes only once it is INSYNC again', async (t) => {
+  const { logger, logs } = captureLogger();
+  const target = new FakeTarget();
+  const { port } = await startTarget(t, target, { logger });
+  const source = new FakeSource();
+  const { mirror } = startMirror(t, source, () => port, { logger, record: { onDisconnect: 'block' } });
+  await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0, 'INSYNC after the full copy');
+
+  // Suspended (the admin's explicit choice to run unprotected): the write only marks its region.
+  mirror.suspend();
+  const offset = 1024 * KiB;
+  const W = randomBytes(4 * KiB);
+  await source.write(offset, W);
+  t.ok(mirror.info().dirtyBytes > 0, 'the write is dirty, not on the target');
+  // The copier is slow to deliver that region.
+  target.beforeWrite = (offsetBytes) => (offsetBytes === offset ? sleep(400).then(() => undefined) : undefined);
+  mirror.resume(); // strict again
+  await waitFor(() => mirror.info().linkUp && (mirror.info().state === 'OUTOFSYNC' || mirror.info().state === 'REPLICATE'), 'resyncing with the link up');
+  let stateAtFlush: string | undefined;
+  let targetHeldW: boolean | undefined;
+  await source.clientFlush().then(() => {
+    stateAtFlush = mirror.info().state;
+    targetHeldW = slice(target.data, offset, W.length).equals(W);
+  });
+  t.equal(stateAtFlush, 'INSYNC', 'the flush completed only once the mirror was INSYNC');
+  t.equal(targetHeldW, true, 'and the target held the write it covers');
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});
+
 t.test('a write the target acknowledged, lost in a target crash before a flush, is resent', async (t) => {
   const { logger, logs } = captureLogger();
   const target = new FakeTarget({ volatile: true });
