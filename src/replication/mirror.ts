@@ -342,6 +342,12 @@ export class Mirror implements VolumeReplica {
     if (change.mode !== undefined && change.mode !== this.record.mode) {
       const refusal = this.machine.commandAllowed('set-mode');
       if (refusal !== undefined) throw new MirrorError(refusal.code, refusal.message);
+      // Checked at connect too; refused here so the mirror does not go on looking INSYNC while
+      // every write only marks the bitmap until the next reconnect puts it in ERROR.
+      const link = this.link;
+      if (change.mode === 'async' && link !== null && link.isOpen && !this.takesOrderedWrites(link)) {
+        throw new MirrorError('BM_ERR_TARGET_UNSUPPORTED', `the daemon on ${this.record.peer} does not support ordered writes, which async mode needs; upgrade it or use sync or stack mode`);
+      }
     }
     this.update(Object.fromEntries(Object.entries(change).filter(([, value]) => value !== undefined)));
     if (change.maxRateBytesPerSec !== undefined) {

@@ -69,6 +69,9 @@ export interface ReplicationServerOptions {
   /** Connections at once, authenticated or not (default replicationConnectionsMax); one
    *  accepted beyond it is closed at once. */
   maxConnections?: number;
+  /** Capabilities offered (default: all this version has). Tests offer fewer to act as an
+   *  older daemon. */
+  capabilities?: number;
 }
 
 class Refusal extends Error {
@@ -225,7 +228,10 @@ export class ReplicationServer {
       return;
     }
     const info = target.info();
-    const session = new TargetSession(channel, target, hello, peerName, log, (buffer) => {
+    // The session works with what both sides have: an ordered write the source did not
+    // negotiate is refused there.
+    const capabilities = hello.capabilities & (this.options.capabilities ?? TARGET_CAPABILITIES);
+    const session = new TargetSession(channel, target, { ...hello, capabilities }, peerName, log, (buffer) => {
       if (pooled.has(buffer)) {
         pooled.delete(buffer);
         this.pool.release(buffer);
@@ -241,7 +247,7 @@ export class ReplicationServer {
         sizeBytes: info.sizeBytes,
         logicalSectorBytes: info.logicalSectorBytes,
         generationIds: knownGenerations,
-        capabilities: hello.capabilities & TARGET_CAPABILITIES,
+        capabilities,
         diverged: split !== null,
         divergedBytes: split?.divergence.bits.dirtyBytes() ?? 0,
         promoted: split?.divergence.promoted ?? false,

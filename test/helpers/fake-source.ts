@@ -246,6 +246,8 @@ export async function startTarget(
     divergence?: () => VolumeDivergence | undefined;
     resolveDivergence?: () => Promise<void>;
     maxConnections?: number;
+    /** Capabilities the target offers (default all: fewer act as an older daemon). */
+    capabilities?: number;
   },
 ): Promise<{ server: ReplicationServer; port: number; forget: () => void }> {
   let binding: MirrorSourceBinding | undefined;
@@ -261,6 +263,7 @@ export async function startTarget(
     resolveDivergence: async () => options.resolveDivergence?.(),
     logger: options.logger.child({ side: 'target' }),
     maxConnections: options.maxConnections,
+    capabilities: options.capabilities,
   });
   const port = await server.listen('127.0.0.1', 0);
   t.teardown(() => server.close());

@@ -16,6 +16,7 @@ import pino from 'pino';
 import type { VolumeDivergence } from '../../src/daemon/volume-manager';
 import { DirtyBitmap } from '../../src/native/index';
 import { REGION_BYTES } from '../../src/replication/mirror';
+import { Capability } from '../../src/wire/index';
 import type { VolumeReplica } from '../../src/volume/replica';
 import { Volume } from '../../src/volume/volume';
 import { deferred } from '../helpers/async';
@@ -509,6 +510,24 @@ t.test('async mode: a catch-up copy never lands on the target before an async wr
   await waitFor(() => asyncOnTargetWhenCopyLanded !== undefined, 'the copy of the second write landed');
   t.equal(asyncOnTargetWhenCopyLanded, true, 'when the copy carrying B landed, A was already on the target');
   await waitFor(() => mirror.info().dirtyBytes === 0 && mirror.info().async?.ordered === true && source.data.equals(target.data), 'caught up: source == target, ordered');
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});
+
+t.test('a target without ordered writes (an older daemon): an async mirror goes to ERROR BM_ERR_TARGET_UNSUPPORTED, and a sync one cannot be switched to async', async (t) => {
+  const { logger, logs } = captureLogger();
+  const olderTarget = new FakeTarget();
+  const { port } = await startTarget(t, olderTarget, { logger, capabilities: Capability.BITMAP_EXCHANGE });
+  const source = new FakeSource();
+  const { mirror } = startMirror(t, source, () => port, { logger });
+  await waitFor(() => mirror.info().state === 'INSYNC', 'INSYNC in sync mode');
+  t.throws(() => mirror.set({ mode: 'async' }), { code: 'BM_ERR_TARGET_UNSUPPORTED' }, 'the switch to async is refused');
+  t.equal(mirror.info().mode, 'sync', 'the mirror stays in sync mode');
+
+  const other = new FakeTarget();
+  const second = await startTarget(t, other, { logger, capabilities: Capability.BITMAP_EXCHANGE });
+  const { mirror: asyncMirror } = startMirror(t, new FakeSource(), () => second.port, { logger, record: { mode: 'async' } });
+  await waitFor(() => asyncMirror.info().state === 'ERROR', 'ERROR at connect');
+  t.equal(asyncMirror.info().error?.code, 'BM_ERR_TARGET_UNSUPPORTED');
   t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
 
