@@ -30,7 +30,8 @@ export const ControlErrorCode = {
   /** A peer's secret file is missing, unreadable, too open, too short or too long. */
   SecretFile: 'BM_ERR_SECRET_FILE',
   ShuttingDown: 'BM_ERR_SHUTTING_DOWN',
-  /** Every control connection has a request running; the new one is closed after this reply. */
+  /** Every control connection is busy (none idle enough to close for it); the new one is closed
+   *  after this reply. */
   TooManyConnections: 'BM_ERR_TOO_MANY_CONNECTIONS',
   /** Persisting the registry failed; the change was rolled back. */
   StateWrite: 'BM_ERR_STATE_WRITE',

@@ -22,7 +22,8 @@ export function writeFileAtomicSync(targetPath: string, data: string | Uint8Arra
   // A second name for the old content, so a failed directory fsync can put it back. No pid in
   // it (one daemon per state dir): one left by a crash is replaced by the next write.
   const oldPath = path.join(directory, `.${path.basename(targetPath)}.old`);
-  // 'none': there is no old file; 'unkept': a filesystem without hard links (nothing to put back).
+  // 'none': there is no old file; 'unkept': a filesystem without hard links, or the old name
+  // already put back (nothing to remove).
   let old: 'kept' | 'none' | 'unkept' = 'unkept';
   try {
     fs.rmSync(oldPath, { force: true });
@@ -31,12 +32,11 @@ export function writeFileAtomicSync(targetPath: string, data: string | Uint8Arra
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') old = 'none';
   }
-  let keptOld = old === 'kept';
   try {
     fs.renameSync(tempPath, targetPath);
   } catch (error) {
     fs.rmSync(tempPath, { force: true });
-    if (keptOld) fs.rmSync(oldPath, { force: true });
+    if (old === 'kept') fs.rmSync(oldPath, { force: true });
     throw error;
   }
   try {
@@ -47,7 +47,7 @@ export function writeFileAtomicSync(targetPath: string, data: string | Uint8Arra
     try {
       if (old === 'kept') fs.renameSync(oldPath, targetPath);
       else if (old === 'none') fs.rmSync(targetPath, { force: true });
-      keptOld = false;
+      old = 'unkept';
     } catch {
       // Left as it is: the error below still reaches the admin.
     }
@@ -55,7 +55,7 @@ export function writeFileAtomicSync(targetPath: string, data: string | Uint8Arra
   } finally {
     // Best effort: the new content is in place (or the old one is back), whatever this does. A
     // name left behind by a crash here is removed by the next write of the same file.
-    if (keptOld) {
+    if (old === 'kept') {
       try {
         fs.rmSync(oldPath, { force: true });
       } catch {

@@ -168,16 +168,17 @@ export class NbdServer {
     const listenersClosed = this.listeners.map((listener) => new Promise<void>((resolve) => listener.close(() => resolve())));
     // A client still haggling is answered NBD_REP_ERR_SHUTDOWN to its options (the spec's
     // SHOULD) and may send NBD_OPT_ABORT; after a short grace it is cut off.
-    const handshakesEnded = [...this.handshakeSockets].map((socket) => {
-      const cutOff = setTimeout(() => socket.destroy(), Math.min(HANDSHAKE_SHUTDOWN_GRACE_MS, this.handshakeTimeoutMs));
-      return new Promise<void>((resolve) => {
-        if (socket.destroyed) resolve();
-        socket.once('close', () => {
-          clearTimeout(cutOff);
-          resolve();
+    const handshakesEnded = [...this.handshakeSockets]
+      .filter((socket) => !socket.destroyed)
+      .map((socket) => {
+        const cutOff = setTimeout(() => socket.destroy(), Math.min(HANDSHAKE_SHUTDOWN_GRACE_MS, this.handshakeTimeoutMs));
+        return new Promise<void>((resolve) => {
+          socket.once('close', () => {
+            clearTimeout(cutOff);
+            resolve();
+          });
         });
       });
-    });
     await Promise.all([...this.unsettled].map((transmission) => transmission.shutdown()));
     await Promise.all(handshakesEnded);
     await Promise.all(listenersClosed);

@@ -39,9 +39,10 @@ export class MirrorManager {
   private readonly options: MirrorManagerOptions;
   private readonly logger: Logger;
   private readonly changes = new ChangeQueue();
-  /** mirror.add between its checks and its record: volume.remove and peer.remove run on their
-   *  own queues, so they must already see the volume and peer as used. */
-  private readonly adding: Array<{ volume: string; peer: string }> = [];
+  /** mirror.add between its checks and its record (one at a time: changes run in order):
+   *  volume.remove and peer.remove run on their own queues, so they must already see the volume
+   *  and peer as used. */
+  private adding: { volume: string; peer: string } | null = null;
   /** The write-intent log of each volume that has running mirrors, by volume name. */
   private readonly intents = new Map<string, { log: WriteIntentLog; volume: ReplicaSource; metadata: VolumeMetadataOptions }>();
 
@@ -93,11 +94,11 @@ export class MirrorManager {
 
   /** Whether a volume or peer is used by a mirror (they cannot be removed while it is). */
   usesVolume(name: string): boolean {
-    return this.records().some((record) => record.volume === name) || this.adding.some((key) => key.volume === name);
+    return this.records().some((record) => record.volume === name) || this.adding?.volume === name;
   }
 
   usesPeer(name: string): boolean {
-    return this.records().some((record) => record.peer === name) || this.adding.some((key) => key.peer === name);
+    return this.records().some((record) => record.peer === name) || this.adding?.peer === name;
   }
 
   list(): MirrorInfo[] {
@@ -156,14 +157,13 @@ export class MirrorManager {
       };
       // Everything above was checked without waiting; from here the volume and the peer count
       // as used, so a concurrent volume.remove or peer.remove is refused instead of winning too.
-      const key = { volume: params.volume, peer: params.peer };
-      this.adding.push(key);
+      this.adding = { volume: params.volume, peer: params.peer };
       let intent: Awaited<ReturnType<MirrorManager['intentFor']>>;
       try {
         intent = await this.intentFor(params.volume, source.volume);
         this.persist([...records, record]);
       } finally {
-        this.adding.splice(this.adding.indexOf(key), 1);
+        this.adding = null;
       }
       const mirror = this.create(record, source.volume, newMirrorMetadata(intent.metadata, record.id), intent.log);
       // Its bitmap file (all dirty) exists before the first write: a crash then costs no more
