@@ -8,6 +8,7 @@
         "native/aligned.cc",
         "native/uring.cc",
         "native/io_engine.cc",
+        "native/busy_poll.cc",
         "native/file_handle.cc",
         "native/dirty_bitmap.cc",
         "native/crc32c.cc",

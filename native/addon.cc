@@ -21,6 +21,32 @@ static Napi::Value SetErrorClass(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// setBusyPoll(maxNs): 0 turns busy polling off. Validated in src/native/index.ts.
+static Napi::Value SetBusyPoll(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber()) throw Napi::TypeError::New(env, "maxNs must be a number");
+  double maxNs = info[0].As<Napi::Number>().DoubleValue();
+  if (!(maxNs >= 0 && maxNs <= 1e9)) throw Napi::RangeError::New(env, "maxNs must be 0..1e9");
+  AddonData& data = GetAddonData(env);
+  data.busyPollMaxNs = static_cast<uint64_t>(maxNs);
+  if (data.uring) data.uring->SetBusyPoll(data.busyPollMaxNs);
+  return Napi::Boolean::New(env, static_cast<bool>(data.uring));
+}
+
+static Napi::Value GetBusyPollStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  AddonData& data = GetAddonData(env);
+  BusyPollStats stats = data.uring ? data.uring->GetBusyPollStats() : BusyPollStats();
+  stats.maxNs = data.busyPollMaxNs;
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("maxNs", static_cast<double>(stats.maxNs));
+  result.Set("eventPolls", static_cast<double>(stats.eventPolls));
+  result.Set("eventPollHits", static_cast<double>(stats.eventPollHits));
+  result.Set("completionPolls", static_cast<double>(stats.completionPolls));
+  result.Set("completionPollHits", static_cast<double>(stats.completionPollHits));
+  return result;
+}
+
 static void ReleaseEngines(AddonData* data) {
   // Stops io_uring (waits for the kernel to finish with every buffer) before V8 frees them.
   data->uring.reset();
@@ -56,6 +82,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
 
   exports.Set("ioEngine", Napi::String::New(env, defaultEngine));
   exports.Set("ioUringErrno", Napi::Number::New(env, data->uringSetupErrno));
+  exports.Set("setBusyPoll", Napi::Function::New(env, SetBusyPoll, "setBusyPoll"));
+  exports.Set("busyPollStats", Napi::Function::New(env, GetBusyPollStats, "busyPollStats"));
   exports.Set("setErrorClass", Napi::Function::New(env, SetErrorClass, "setErrorClass"));
   InitAligned(env, exports);
   InitFileHandle(env, exports);

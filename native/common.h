@@ -25,6 +25,7 @@ struct AddonData {
   std::unique_ptr<IoEngine> uring;  // null when io_uring is unavailable or disabled
   int uringSetupErrno = 0;          // why io_uring is unavailable (0 when available)
   bool uringDisabledByEnv = false;
+  uint64_t busyPollMaxNs = 0;  // setBusyPoll: applies to the io_uring engine, now or when created
   std::unique_ptr<IoEngine> threadpool;
 };
 

@@ -353,6 +353,7 @@ static IoEngine* SelectEngine(Napi::Env env, const std::string& engineName) {
   if (wantUring) {
     if (!data.uring && data.uringSetupErrno == 0) {
       data.uring = CreateUringEngine(env, &data.uringSetupErrno);
+      if (data.uring) data.uring->SetBusyPoll(data.busyPollMaxNs);
     }
     if (data.uring) return data.uring.get();
     if (engineName == "io_uring") {

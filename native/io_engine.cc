@@ -1,6 +1,7 @@
 #include "io_engine.h"
 
 #include <cstdlib>
+#include <sched.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -183,6 +184,13 @@ std::unique_ptr<IoEngine> CreateThreadpoolEngine() { return std::make_unique<Thr
 // read(2) per wake-up, and measured slower at QD1); each wake-up reaps all CQEs and settles their
 // Promises in one scope.
 // In-flight ops are bounded by the CQ size; the rest wait in a FIFO.
+//
+// Busy polling (off unless SetBusyPoll): at queue depth 1 the loop would sleep twice per request,
+// once for the op's completion and once for the client's next request. Instead, after submitting
+// a lone op the check handle watches the completion ring, yielding the CPU between looks (the
+// loop device's worker may need this very vCPU: a plain spin measured slower), and before the
+// loop blocks with nothing in flight the prepare handle polls the loop's epoll fd. Both stop as
+// soon as the loop has other work ready, and both budgets adapt (busy_poll.h).
 
 constexpr unsigned kSqEntries = 512;
 constexpr unsigned kCqEntries = 1024;
@@ -224,13 +232,20 @@ class UringEngine : public IoEngine {
   Napi::Value Enqueue(UringOp&& op);
   bool Dispatch(UringOp&& op);  // into a slot and an SQE; false when neither is free
   void DrainOverflow();
-  void SubmitPending();
-  void OnTick();  // prepare, check and idle handles
+  int SubmitPending();  // returns the number of SQEs the kernel took
+  int OnTick();         // prepare, check and idle handles
   void Reap();
   void Complete(UringOp& op, int32_t result);
   napi_value Outcome(const UringOp& op, int32_t result, bool* ok);
   void UpdateRef();
   void Shutdown();
+  size_t InFlight() const { return slots_.size() - freeSlots_.size(); }
+
+  void SetBusyPoll(uint64_t maxNs) override;
+  BusyPollStats GetBusyPollStats() const override { return pollStats_; }
+  void PollBeforeBlock();                // prepare handle
+  void LearnBlockedWait();               // check handle, after the loop's poll phase
+  void PollLoneCompletion(int submitted);  // check handle, after submitting
 
   static void OnPoll(uv_poll_t* handle, int status, int events);
   static void OnPrepare(uv_prepare_t* handle);
@@ -248,6 +263,17 @@ class UringEngine : public IoEngine {
   std::vector<uint32_t> freeSlots_;
   std::deque<UringOp> overflow_;
   io_uring_cqe cqeBatch_[kReapBatch];
+
+  uv_loop_t* loop_ = nullptr;
+  BusyPollStats pollStats_;
+  AdaptiveBudget eventBudget_;
+  AdaptiveBudget completionBudget_;
+  bool blockWaitMeasured_ = false;  // the loop went to wait with nothing in flight, not caught by polling
+  uint64_t blockWaitStartNs_ = 0;
+  uint64_t blockSpunNs_ = 0;       // of that wait, the part spent polling
+  uint64_t blockIdleStartNs_ = 0;  // libuv's idle-time counter when the loop went to sleep
+  bool loneOpMeasured_ = false;  // a lone op was submitted and its completion not caught by polling
+  uint64_t loneOpStartNs_ = 0;
 };
 
 int UringEngine::Init() {
@@ -260,6 +286,10 @@ int UringEngine::Init() {
 
   uv_loop_t* loop = nullptr;
   if (napi_get_uv_event_loop(env_, &loop) != napi_ok) return EINVAL;
+  loop_ = loop;
+  // Node turns this on for its event-loop utilisation; asking again costs nothing and makes sure
+  // uv_metrics_idle_time counts (the busy-poll budgets learn from it).
+  uv_loop_configure(loop, UV_METRICS_IDLE_TIME);
   handles_ = new UringHandles();
   handles_->poll.data = this;
   handles_->prepare.data = this;
@@ -360,15 +390,15 @@ void UringEngine::DrainOverflow() {
   }
 }
 
-void UringEngine::OnTick() {
+int UringEngine::OnTick() {
   // Overflow normally drains as completions free slots; this covers a submit that failed earlier.
   if (!overflow_.empty()) DrainOverflow();
-  SubmitPending();
+  return SubmitPending();
 }
 
 // Must not touch the overflow FIFO: Dispatch calls it while an overflow entry is being moved.
-void UringEngine::SubmitPending() {
-  if (ring_.pendingSubmit() == 0) return;
+int UringEngine::SubmitPending() {
+  if (ring_.pendingSubmit() == 0) return 0;
   int rc = ring_.Submit();
   // EAGAIN/EBUSY: the kernel is short of memory or completions; retry on the next loop turn
   // without letting the loop block (idle handle) so queued SQEs are never stranded.
@@ -380,9 +410,14 @@ void UringEngine::SubmitPending() {
     uv_idle_stop(&handles_->idle);
     idleActive_ = false;
   }
+  return rc > 0 ? rc : 0;
 }
 
 void UringEngine::Reap() {
+  if (loneOpMeasured_) {
+    loneOpMeasured_ = false;
+    completionBudget_.Learn(MonotonicNs() - loneOpStartNs_, pollStats_.maxNs);
+  }
   Napi::HandleScope handleScope(env_);
   // Settling inside a callback scope makes Node run the microtask queue when it closes.
   Napi::CallbackScope callbackScope(env_, *asyncContext_);
@@ -488,8 +523,75 @@ void UringEngine::OnPoll(uv_poll_t* handle, int status, int /*events*/) {
   engine->Reap();
 }
 
-void UringEngine::OnPrepare(uv_prepare_t* handle) { static_cast<UringEngine*>(handle->data)->OnTick(); }
-void UringEngine::OnCheck(uv_check_t* handle) { static_cast<UringEngine*>(handle->data)->OnTick(); }
+void UringEngine::OnPrepare(uv_prepare_t* handle) {
+  auto* engine = static_cast<UringEngine*>(handle->data);
+  engine->OnTick();
+  engine->PollBeforeBlock();
+}
+
+void UringEngine::OnCheck(uv_check_t* handle) {
+  auto* engine = static_cast<UringEngine*>(handle->data);
+  engine->LearnBlockedWait();
+  engine->PollLoneCompletion(engine->OnTick());
+}
+
+void UringEngine::SetBusyPoll(uint64_t maxNs) {
+  pollStats_.maxNs = maxNs;
+  eventBudget_.Reset();
+  completionBudget_.Reset();
+  blockWaitMeasured_ = false;
+  loneOpMeasured_ = false;
+}
+
+void UringEngine::PollBeforeBlock() {
+  blockWaitMeasured_ = false;
+  if (pollStats_.maxNs == 0 || shutDown_ || InFlight() != 0 || !overflow_.empty() || ring_.pendingSubmit() != 0) return;
+  int timeoutMs = uv_backend_timeout(loop_);  // 0: the loop will not block (work is ready)
+  if (timeoutMs == 0) return;
+  blockWaitMeasured_ = true;
+  blockWaitStartNs_ = MonotonicNs();
+  uint64_t budgetNs = eventBudget_.ns();
+  blockSpunNs_ = 0;
+  blockIdleStartNs_ = uv_metrics_idle_time(loop_);
+  if (budgetNs == 0) return;
+  if (timeoutMs > 0 && static_cast<uint64_t>(timeoutMs) * 1000000ull < budgetNs) budgetNs = timeoutMs * 1000000ull;
+  pollStats_.eventPolls++;
+  if (SpinUntilReadable(uv_backend_fd(loop_), blockWaitStartNs_, budgetNs)) {
+    pollStats_.eventPollHits++;
+    blockWaitMeasured_ = false;  // caught: the budget is right as it is
+    return;
+  }
+  blockSpunNs_ = MonotonicNs() - blockWaitStartNs_;
+  blockIdleStartNs_ = uv_metrics_idle_time(loop_);
+}
+
+// The wait is the spin plus the time the loop slept in epoll (libuv's idle time), not the
+// callbacks the wake-up ran: at queue depth 1 those include handling the request itself.
+void UringEngine::LearnBlockedWait() {
+  if (!blockWaitMeasured_) return;
+  blockWaitMeasured_ = false;
+  uint64_t sleptNs = uv_metrics_idle_time(loop_) - blockIdleStartNs_;
+  eventBudget_.Learn(blockSpunNs_ + sleptNs, pollStats_.maxNs);
+}
+
+void UringEngine::PollLoneCompletion(int submitted) {
+  if (pollStats_.maxNs == 0 || submitted == 0 || InFlight() != 1 || ring_.pendingSubmit() != 0) return;
+  if (uv_backend_timeout(loop_) == 0) return;  // other work is ready: do not hold it up
+  loneOpMeasured_ = true;
+  loneOpStartNs_ = MonotonicNs();
+  uint64_t budgetNs = completionBudget_.ns();
+  if (budgetNs == 0) return;
+  pollStats_.completionPolls++;
+  do {
+    if (ring_.CompletionsWaiting()) {
+      pollStats_.completionPollHits++;
+      loneOpMeasured_ = false;  // caught: the budget is right as it is
+      Reap();
+      return;
+    }
+    sched_yield();
+  } while (MonotonicNs() - loneOpStartNs_ < budgetNs);
+}
 void UringEngine::OnIdle(uv_idle_t* handle) { static_cast<UringEngine*>(handle->data)->OnTick(); }
 
 std::unique_ptr<IoEngine> CreateUringEngine(Napi::Env env, int* errnoOut) {

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "busy_poll.h"
 #include "common.h"
 #include "uring.h"
 
@@ -52,6 +53,9 @@ class IoEngine {
                                 Napi::Buffer<uint8_t> buffer, uint64_t offsetBytes, bool fua) = 0;
   // fdatasync.
   virtual Napi::Value Flush(Napi::Env env, const std::shared_ptr<FileState>& file) = 0;
+  // Busy polling (busy_poll.h); maxNs 0 turns it off. Engines without an event-loop hook ignore it.
+  virtual void SetBusyPoll(uint64_t maxNs) {}
+  virtual BusyPollStats GetBusyPollStats() const { return BusyPollStats(); }
 };
 
 // Creates the io_uring engine; returns null and sets *errnoOut when the kernel refuses it.

@@ -34,6 +34,8 @@ class Ring {
   // Blocks until at least minComplete CQEs are available (used only when tearing down).
   int WaitCompletions(unsigned minComplete);
 
+  // True when the kernel has posted CQEs not reaped yet (a memory read, no syscall).
+  bool CompletionsWaiting() const { return __atomic_load_n(cqTail_, __ATOMIC_ACQUIRE) != *cqHead_; }
   // Copies up to maxCount CQEs into out and advances the completion head.
   unsigned Reap(io_uring_cqe* out, unsigned maxCount);
 

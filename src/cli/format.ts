@@ -96,7 +96,15 @@ export function formatStatus(status: StatusResult): string {
     ['volumes', `${status.volumes} (${status.volumesInError} in error)`],
     ['connections', String(status.connections)],
     ['io engine', status.ioEngine],
+    ['busy poll', formatBusyPoll(status)],
   ]);
+}
+
+function formatBusyPoll(status: StatusResult): string {
+  const poll = status.busyPoll;
+  if (poll.maxMicros === 0) return 'off';
+  if (status.ioEngine !== 'io_uring') return `off (${poll.maxMicros} us asked; the ${status.ioEngine} engine does not poll)`;
+  return `up to ${poll.maxMicros} us (caught ${poll.eventPollHits}/${poll.eventPolls} events, ${poll.completionPollHits}/${poll.completionPolls} completions)`;
 }
 
 export function formatPeerList(peers: readonly PeerInfo[]): string {

@@ -2,6 +2,7 @@
 // one response line. docs/CONTROL.md is the human description of what is defined here.
 import { z } from 'zod';
 import { parseHostPort, type HostPort } from '../config/config';
+import type { BusyPollStats } from '../native/types';
 
 /** Longest request or response line, newline excluded. Longer request lines close the connection. */
 export const controlLineBytesMax = 1024 * 1024;
@@ -312,6 +313,8 @@ export interface StatusResult {
   volumesInError: number;
   connections: number;
   ioEngine: string;
+  /** Busy polling of the I/O engine: the maximum (0 off) and how often it spun and caught. */
+  busyPoll: BusyPollStats;
 }
 
 export interface MethodResults {

@@ -25,6 +25,7 @@ function parseArgs(argv: readonly string[]): CliConfig {
     .option('--state-dir <path>', `state directory (default ${defaults.stateDir})`)
     .option('--config <path>', `JSON config file (default ${defaultConfigPath}, optional)`)
     .option('--log-level <level>', `${logLevels.join('|')} (default ${defaults.logLevel})`)
+    .option('--busy-poll-us <n>', `spin up to N microseconds instead of sleeping at queue depth 1, adaptive; 0 off (default ${defaults.busyPollMicros})`)
     .allowExcessArguments(false)
     .exitOverride()
     .configureOutput({ writeErr: (text) => process.stderr.write(text) });

@@ -9,6 +9,8 @@ import {
   type AllocationExtent,
   type BlockFileInfo,
   type DirtyRun,
+  BUSY_POLL_MICROS_MAX,
+  type BusyPollStats,
   type IoEngine,
   NativeError,
   type OpenOptions,
@@ -48,6 +50,8 @@ interface NativeAddon {
   ioEngine: IoEngine;
   ioUringErrno: number;
   setErrorClass(errorClass: typeof NativeError): void;
+  setBusyPoll(maxNs: number): boolean;
+  busyPollStats(): { maxNs: number; eventPolls: number; eventPollHits: number; completionPolls: number; completionPollHits: number };
   allocAligned(sizeBytes: number, alignBytes: number): Buffer;
   open(filePath: string, readOnly: boolean, exclusive: boolean, ioEngine: string): NativeFileHandle;
   DirtyBitmap: {
@@ -88,6 +92,27 @@ export const ioEngine: IoEngine = addon.ioEngine;
 /** Engines that work in this process (io_uring is missing when the kernel refuses it). */
 export const availableIoEngines: readonly IoEngine[] =
   addon.ioUringErrno === 0 ? ['io_uring', 'threadpool'] : ['threadpool'];
+
+// ---------------------------------------------------------------------------------------------
+// Busy polling (native/busy_poll.h): at queue depth 1 the JS thread spins briefly instead of
+// sleeping, for the completion of a lone op and for the next event; budgets adapt, so an idle
+// process or a slow disk costs no CPU. Off until set; only the io_uring engine polls.
+
+/** Sets this thread's busy-poll maximum in microseconds (0 turns it off). Returns false when
+ *  no io_uring engine runs here, so nothing polls. */
+export function setBusyPoll(maxMicros: number): boolean {
+  if (!Number.isInteger(maxMicros) || maxMicros < 0 || maxMicros > BUSY_POLL_MICROS_MAX) {
+    const error = new RangeError(`maxMicros must be an integer 0..${BUSY_POLL_MICROS_MAX}, got ${String(maxMicros)}`) as RangeError & { code: string };
+    error.code = 'ERR_OUT_OF_RANGE';
+    throw error;
+  }
+  return addon.setBusyPoll(maxMicros * 1000);
+}
+
+export function busyPollStats(): BusyPollStats {
+  const { maxNs, ...counts } = addon.busyPollStats();
+  return { maxMicros: maxNs / 1000, ...counts };
+}
 
 // ---------------------------------------------------------------------------------------------
 // Validation helpers

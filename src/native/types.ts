@@ -17,6 +17,20 @@ export interface OpenOptions {
 /** How reads, writes and flushes reach the kernel. */
 export type IoEngine = 'io_uring' | 'threadpool';
 
+/** Upper bound of setBusyPoll and the daemon's --busy-poll-us. */
+export const BUSY_POLL_MICROS_MAX = 1000;
+
+export interface BusyPollStats {
+  /** The configured maximum (0: off). */
+  maxMicros: number;
+  /** Spins for the next event before the loop would sleep, and how many caught it. */
+  eventPolls: number;
+  eventPollHits: number;
+  /** Spins for the completion of a lone op, and how many caught it. */
+  completionPolls: number;
+  completionPollHits: number;
+}
+
 /** What the addon learned about an open device or file. */
 export interface BlockFileInfo {
   path: string;

@@ -40,6 +40,7 @@ t.test('volume add/list/info/remove and status, human and --json', async (t) => 
   t.equal(status.code, 0);
   t.match(status.stdout, new RegExp(`^pid:\\s+${daemon.pid}$`, 'm'));
   t.match(status.stdout, /^volumes:\s+1 \(0 in error\)$/m);
+  t.match(status.stdout, /^busy poll:\s+(up to 32 us \(caught \d+\/\d+ events, \d+\/\d+ completions\)|off \(32 us asked; the threadpool engine does not poll\))$/m);
   const statusJson = JSON.parse((await runCli([...socket, '--json', 'status'])).stdout);
   t.equal(statusJson.pid, daemon.pid);
 

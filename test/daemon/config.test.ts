@@ -30,6 +30,8 @@ t.test('errors name the file and the field', async (t) => {
     ['{"controlSocket": 5}', /: controlSocket: /],
     [`{"nbdSocket": "/${'x'.repeat(120)}"}`, /: nbdSocket: expected at most 107 bytes/],
     ['{"stateDri": "/x"}', /: stateDri: unknown field$/],
+    ['{"busyPollMicros": 1001}', /: busyPollMicros: /],
+    ['{"busyPollMicros": 2.5}', /: busyPollMicros: /],
     ['{"nbdListen": ', /: not valid JSON: /],
     ['[]', /: \(root\): /],
   ];
@@ -58,6 +60,7 @@ t.test('flags override the file, the file overrides defaults', async (t) => {
     replicationListen: { host: '0.0.0.0', port: 7800 },
     stateDir: '/srv/bm',
     logLevel: 'debug',
+    busyPollMicros: 32,
     configPath: file,
   });
   const flagged = resolveConfig({ config: file, stateDir: 'rel/state', nbdListen: '[::1]:1', logLevel: 'warn' });
@@ -77,6 +80,12 @@ t.test('flags override the file, the file overrides defaults', async (t) => {
   const badTiming = writeConfig(t, JSON.stringify({ replication: { backoffBaseMs: 5000, backoffMaxMs: 10 } }));
   t.throws(() => resolveConfig({ config: badTiming }), { code: 'BM_ERR_CONFIG', message: /backoffBaseMs must not exceed backoffMaxMs/ });
   t.equal(resolveConfig({ config: file }).writeIntent.activityLogExtents, 512, 'write-intent log on by default');
+  const pollFile = writeConfig(t, JSON.stringify({ busyPollMicros: 0 }));
+  t.equal(resolveConfig({ config: pollFile }).busyPollMicros, 0, 'the file can switch busy polling off');
+  t.equal(resolveConfig({ config: pollFile, busyPollUs: '1000' }).busyPollMicros, 1000, 'the flag wins');
+  for (const bad of ['', '-1', '1001', '1.5', '32us', '0x20', '00001']) {
+    t.throws(() => resolveConfig({ config: file, busyPollUs: bad }), { code: 'BM_ERR_INVALID_ARGUMENT', message: /^--busy-poll-us: expected an integer 0\.\.1000/ }, JSON.stringify(bad));
+  }
   const off = writeConfig(t, JSON.stringify({ writeIntent: { activityLogExtents: 0 } }));
   t.equal(resolveConfig({ config: off }).writeIntent.activityLogExtents, 0, '0 switches it off');
   const tooSmall = writeConfig(t, JSON.stringify({ writeIntent: { activityLogExtents: 10 } }));

@@ -111,7 +111,7 @@ async function startServer(t: Test, options: { peerListGate?: Gate } = {}) {
     status: async () => {
       calls.push({ method: 'status', params: {} });
       await new Promise((resolve) => setTimeout(resolve, 20));
-      return { version: 'x', pid: 1, uptimeSeconds: 0, controlSocket: '', nbdSocket: '', nbdListen: null, replicationListen: null, nodeName: 'n', mirrors: 0, replicationSessions: 0, stateDir: '', peers: 0, volumes: 0, volumesInError: 0, connections: 0, ioEngine: 'x' };
+      return { version: 'x', pid: 1, uptimeSeconds: 0, controlSocket: '', nbdSocket: '', nbdListen: null, replicationListen: null, nodeName: 'n', mirrors: 0, replicationSessions: 0, stateDir: '', peers: 0, volumes: 0, volumesInError: 0, connections: 0, ioEngine: 'x', busyPoll: { maxMicros: 0, eventPolls: 0, eventPollHits: 0, completionPolls: 0, completionPollHits: 0 } };
     },
   };
   const server = new ControlServer({ handlers, logger, socketMode: 0o660 });
