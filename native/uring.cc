@@ -28,16 +28,20 @@ Ring::~Ring() {
 int Ring::Setup(unsigned sqEntries, unsigned cqEntries) {
   assert(ringFd_ < 0);
   io_uring_params params;
-  memset(&params, 0, sizeof(params));
-  // CQSIZE: room for every in-flight op; SUBMIT_ALL: one bad SQE does not stall the ones after it.
-  params.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL;
-  params.cq_entries = cqEntries;
-  int fd = SysSetup(sqEntries, &params);
-  if (fd < 0 && errno == EINVAL) {
+  // CQSIZE: room for every in-flight op. SUBMIT_ALL (5.18): one bad SQE does not stall the ones
+  // after it. COOP_TASKRUN (5.19): a completion does not interrupt the thread while it runs
+  // JavaScript (an IPI, dear on a VM); it is posted at the thread's next syscall, and a thread
+  // asleep in epoll is still woken. Measured on the bench VM: 4k QD1 p50 about 5 us lower, QD32
+  // about a tenth more IOPS. Older kernels refuse unknown flags with EINVAL: drop them in turn.
+  const unsigned flagSets[] = {IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN,
+                               IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL, IORING_SETUP_CQSIZE};
+  int fd = -1;
+  for (unsigned flags : flagSets) {
     memset(&params, 0, sizeof(params));
-    params.flags = IORING_SETUP_CQSIZE;
+    params.flags = flags;
     params.cq_entries = cqEntries;
     fd = SysSetup(sqEntries, &params);
+    if (fd >= 0 || errno != EINVAL) break;
   }
   if (fd < 0) return errno;
   ringFd_ = fd;
