@@ -101,7 +101,8 @@ export function formatStatus(status: StatusResult): string {
 }
 
 function formatBusyPoll(status: StatusResult): string {
-  const poll = status.busyPoll;
+  const poll = status.busyPoll as StatusResult['busyPoll'] | undefined;
+  if (poll === undefined) return '- (daemon older than this CLI)';
   if (poll.maxMicros === 0) return 'off';
   if (status.ioEngine !== 'io_uring') return `off (${poll.maxMicros} us asked; the ${status.ioEngine} engine does not poll)`;
   return `up to ${poll.maxMicros} us (caught ${poll.eventPollHits}/${poll.eventPolls} events, ${poll.completionPollHits}/${poll.completionPolls} completions)`;

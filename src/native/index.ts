@@ -98,8 +98,10 @@ export const availableIoEngines: readonly IoEngine[] =
 // sleeping, for the completion of a lone op and for the next event; budgets adapt, so an idle
 // process or a slow disk costs no CPU. Off until set; only the io_uring engine polls.
 
-/** Sets this thread's busy-poll maximum in microseconds (0 turns it off). Returns false when
- *  no io_uring engine runs here, so nothing polls. */
+/** Sets this thread's busy-poll maximum in microseconds (0 turns it off). Returns false when no
+ *  io_uring engine runs in this thread yet (BLOCKMIRROR_IO_ENGINE=threadpool, or io_uring
+ *  refused): then nothing polls, unless a file opened later with ioEngine 'io_uring' creates
+ *  the engine, which takes the setting. */
 export function setBusyPoll(maxMicros: number): boolean {
   if (!Number.isInteger(maxMicros) || maxMicros < 0 || maxMicros > BUSY_POLL_MICROS_MAX) {
     const error = new RangeError(`maxMicros must be an integer 0..${BUSY_POLL_MICROS_MAX}, got ${String(maxMicros)}`) as RangeError & { code: string };

@@ -17,6 +17,17 @@ async function runChild(args: string[], env: NodeJS.ProcessEnv = process.env): P
   return JSON.parse(result.stdout);
 }
 
+/** Whether polling catches anything depends on the machine answering within 1 ms at least once
+ *  in hundreds of tries; on a machine that busy, try again before calling it a failure. */
+async function runChildUntil(args: string[], caught: (out: Record<string, any>) => boolean): Promise<Record<string, any>> {
+  let out: Record<string, any> = {};
+  for (let attempt = 0; attempt < 3; attempt++) {
+    out = await runChild(args);
+    if (caught(out)) break;
+  }
+  return out;
+}
+
 t.test('setBusyPoll takes whole microseconds 0..1000 and refuses anything else', async (tt) => {
   for (const bad of [-1, 1.5, BUSY_POLL_MICROS_MAX + 1, Number.NaN, Infinity]) {
     tt.throws(() => setBusyPoll(bad), { name: 'RangeError', code: 'ERR_OUT_OF_RANGE' }, String(bad));
@@ -31,22 +42,26 @@ t.test('off by default: lone writes never poll', { skip: !hasUring && 'io_uring 
 });
 
 t.test('lone writes: completions are caught by polling and every byte reads back', { skip: !hasUring && 'io_uring unavailable' }, async (tt) => {
-  const out = await runChild(['lone-writes', sparseFile(tt, 1024 * 1024), String(BUSY_POLL_MICROS_MAX)]);
+  // 600 ops, each started by the completion of the one before: the chain is polled for op after
+  // op (up to 8 in one loop phase), not only every other op.
+  const chained = (o: Record<string, any>): boolean => o.stats.completionPolls > 400;
+  const out = await runChildUntil(['lone-writes', sparseFile(tt, 1024 * 1024), String(BUSY_POLL_MICROS_MAX)], chained);
   tt.equal(out.applied, true);
   tt.equal(out.mismatches, 0, '300 writes read back intact');
   tt.equal(out.stats.maxMicros, BUSY_POLL_MICROS_MAX);
   tt.ok(out.stats.completionPolls > 0, `polled for completions (${JSON.stringify(out.stats)})`);
   tt.ok(out.stats.completionPollHits > 0, 'and caught some');
+  tt.ok(chained(out), 'a chain of ops is polled for op after op');
 });
 
 t.test('events that arrive while nothing is in flight are caught by polling', { skip: !hasUring && 'io_uring unavailable' }, async (tt) => {
-  const out = await runChild(['ping-pong', String(BUSY_POLL_MICROS_MAX)]);
+  const out = await runChildUntil(['ping-pong', String(BUSY_POLL_MICROS_MAX)], (o) => o.stats.eventPollHits > 0);
   tt.ok(out.stats.eventPolls > 0, `polled for events (${JSON.stringify(out.stats)})`);
   tt.ok(out.stats.eventPollHits > 0, 'and caught some');
 });
 
 t.test('waits longer than the maximum switch polling off: timers 2 ms apart cost no spinning', { skip: !hasUring && 'io_uring unavailable' }, async (tt) => {
-  const out = await runChild(['idle', String(BUSY_POLL_MICROS_MAX)]);
+  const out = await runChildUntil(['idle', String(BUSY_POLL_MICROS_MAX)], (o) => o.stats.eventPolls > 0);
   tt.ok(out.stats.eventPolls > 0, 'the ping-pong before grew the budget');
   // A poller that did not adapt would spin up to 1 ms at each of the 250 wake-ups.
   tt.ok(out.idle.polls <= 25, `at most one poll in ten wake-ups (${out.idle.polls})`);
