@@ -561,8 +561,7 @@ void UringEngine::SetBusyPoll(uint64_t maxNs) {
 void UringEngine::PollBeforeBlock() {
   blockWaitMeasured_ = false;
   if (pollStats_.maxNs == 0 || shutDown_ || InFlight() != 0 || !overflow_.empty() || ring_.pendingSubmit() != 0) return;
-  int timeoutMs = uv_backend_timeout(loop_);  // 0: the loop will not block (work is ready)
-  if (timeoutMs == 0) return;
+  if (uv_backend_timeout(loop_) == 0) return;  // the loop will not block: work is ready
   blockWaitMeasured_ = true;
   blockWaitStartNs_ = MonotonicNs();
   uint64_t budgetNs = eventBudget_.ns();
@@ -596,20 +595,15 @@ bool UringEngine::PollLoneCompletion(int submitted) {
   uint64_t budgetNs = completionBudget_.ns();
   if (budgetNs == 0) return false;
   pollStats_.completionPolls++;
-  bool inTime;
-  do {
-    if (ring_.CompletionsWaiting()) break;
-    // A syscall: it also runs the task work that posts the CQE (COOP_TASKRUN).
-    sched_yield();
-    inTime = MonotonicNs() - loneOpStartNs_ < budgetNs;
-  } while (inTime);
-  // One more look: the last yield may have posted it.
-  if (!ring_.CompletionsWaiting()) return false;
+  // sched_yield is a syscall: it also runs the task work that posts the CQE (COOP_TASKRUN).
+  while (!ring_.CompletionsWaiting() && MonotonicNs() - loneOpStartNs_ < budgetNs) sched_yield();
+  if (!ring_.CompletionsWaiting()) return false;  // looked at once more: the last yield may have posted it
   pollStats_.completionPollHits++;
   loneOpMeasured_ = false;  // caught: the budget is right as it is
   Reap();
   return true;
 }
+
 void UringEngine::OnIdle(uv_idle_t* handle) { static_cast<UringEngine*>(handle->data)->OnTick(); }
 
 std::unique_ptr<IoEngine> CreateUringEngine(Napi::Env env, int* errnoOut) {
