@@ -2,7 +2,7 @@
 // Exit status: 0 success, 1 the daemon answered with an error, 2 bad usage, 3 daemon unreachable.
 import path from 'node:path';
 import { Command, CommanderError } from 'commander';
-import { defaults } from '../config/config';
+import { defaultConfigPath, defaults, loadConfigFile } from '../config/config';
 import { ControlClient } from '../control/client';
 import { BmError, ControlErrorCode, errorCode, errorMessage } from '../control/errors';
 import { syncTimeoutMsMax, syncTimeoutMsMin, type MethodName, type MethodParams, type MethodResults } from '../control/protocol';
@@ -26,7 +26,8 @@ export const exitCodes = { ok: 0, daemonError: 1, usage: 2, unreachable: 3 } as 
 const requestTimeoutMsDefault = 60_000;
 
 interface GlobalOptions {
-  socket: string;
+  socket?: string;
+  config?: string;
   json: boolean;
   timeout: string;
 }
@@ -44,6 +45,14 @@ function cliPath(flag: string, value: string): string {
   return path.resolve(value);
 }
 
+/** --socket, else the daemon's config file's controlSocket (the file the daemon reads: --config,
+ *  or the default path when it exists), else the built-in default. */
+function controlSocketPath(options: GlobalOptions): string {
+  if (options.socket !== undefined) return cliPath('--socket', options.socket);
+  const configPath = options.config === undefined ? defaultConfigPath : cliPath('--config', options.config);
+  return loadConfigFile(configPath, options.config === undefined)?.controlSocket ?? defaults.controlSocket;
+}
+
 /** Run one request and print its result: JSON with --json, else the human rendering. */
 async function call<M extends MethodName>(
   program: Command,
@@ -57,7 +66,7 @@ async function call<M extends MethodName>(
   if (!Number.isSafeInteger(timeoutMs) || timeoutMs <= 0 || timeoutMs > timeoutMsMax) {
     throw usageError(`--timeout: expected a whole number of milliseconds from 1 to ${timeoutMsMax}`);
   }
-  const client = await ControlClient.connect({ socketPath: cliPath('--socket', options.socket), timeoutMs });
+  const client = await ControlClient.connect({ socketPath: controlSocketPath(options), timeoutMs });
   try {
     const result = await client.request(method, params);
     process.stdout.write(options.json ? JSON.stringify(result, null, 2) + '\n' : render(result));
@@ -97,7 +106,8 @@ function buildProgram(): Command {
   const program = new Command('blockmirror')
     .description('Manage blockmirrord through its control socket.')
     .version(packageVersion())
-    .option('--socket <path>', 'control socket of blockmirrord', defaults.controlSocket)
+    .option('--socket <path>', `control socket of blockmirrord (default: controlSocket of the config file, else ${defaults.controlSocket})`)
+    .option('--config <path>', `blockmirrord's JSON config file, read for its controlSocket (default ${defaultConfigPath}, optional)`)
     .option('--json', 'print the result as JSON', false)
     .option('--timeout <ms>', 'give up on a request after this many milliseconds', String(requestTimeoutMsDefault))
     .exitOverride()

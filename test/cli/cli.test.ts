@@ -1,4 +1,5 @@
 // The blockmirror CLI as a user runs it: output formats and exit statuses.
+import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
 import { daemonPaths, runCli, startDaemon } from '../helpers/daemon';
@@ -110,4 +111,30 @@ t.test('unreachable daemon exits 3 with BM_ERR_DAEMON_UNREACHABLE', async (t) =>
   const jsonResult = await runCli(['--socket', paths.controlSocket, '--json', 'volume', 'list']);
   t.equal(jsonResult.code, 3);
   t.equal(jsonResult.stdout, '');
+});
+
+t.test('without --socket the CLI finds the control socket where the daemon\'s config file puts it', async (t) => {
+  const daemon = await startDaemon(t);
+  const dir = daemon.paths.dir;
+  const config = path.join(dir, 'blockmirror.json');
+  fs.writeFileSync(config, JSON.stringify({ controlSocket: daemon.paths.controlSocket }));
+  const viaConfig = await runCli(['--config', config, '--json', 'status']);
+  t.equal(viaConfig.code, 0, viaConfig.stderr);
+  t.equal(JSON.parse(viaConfig.stdout).pid, daemon.pid, 'reached the daemon through the file\'s controlSocket');
+
+  const elsewhere = path.join(dir, 'elsewhere.json');
+  fs.writeFileSync(elsewhere, JSON.stringify({ controlSocket: path.join(dir, 'absent.sock') }));
+  const socketWins = await runCli(['--config', elsewhere, '--socket', daemon.paths.controlSocket, 'status']);
+  t.equal(socketWins.code, 0, '--socket overrides the file');
+  t.equal((await runCli(['--config', elsewhere, 'status'])).code, 3, 'the file\'s socket is used: nothing listens there');
+
+  const broken = path.join(dir, 'broken.json');
+  fs.writeFileSync(broken, '{"controlSocket": ');
+  const bad = await runCli(['--config', broken, 'status']);
+  t.equal(bad.code, 1);
+  t.match(bad.stderr, /^blockmirror: BM_ERR_CONFIG: config .*broken\.json: not valid JSON/);
+  const missing = await runCli(['--config', path.join(dir, 'none.json'), 'status']);
+  t.equal(missing.code, 1, 'a file named with --config must exist');
+  t.match(missing.stderr, /BM_ERR_CONFIG: .*cannot read: ENOENT/);
+  t.equal((await runCli(['--config', '', 'status'])).code, 2);
 });
