@@ -7,11 +7,13 @@ export function formatSize(bytes: number | null): string {
   if (bytes === null) return '-';
   let value = bytes;
   let unit = 0;
-  while (value >= 1024 && unit < sizeUnits.length - 1) {
+  const shown = (): string => value.toFixed(value >= 100 ? 0 : 1);
+  // Step up also when rounding would show 1024 of a unit (1048575 B is "1.0 MiB", not "1024 KiB").
+  while ((value >= 1024 || Number(shown()) >= 1024) && unit < sizeUnits.length - 1) {
     value /= 1024;
     unit++;
   }
-  return unit === 0 ? `${bytes} B` : `${value.toFixed(value >= 100 ? 0 : 1)} ${sizeUnits[unit]}`;
+  return unit === 0 ? `${bytes} B` : `${shown()} ${sizeUnits[unit]}`;
 }
 
 /** Left-aligned columns separated by two spaces, header first. */
@@ -135,7 +137,16 @@ const rateUnits: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 102
 
 /** "50M" -> 52428800 bytes per second (K, M, G are powers of 1024); null when not a rate. */
 export function parseRate(text: string): number | null {
-  const match = /^(\d+(?:\.\d+)?)([KMG]?)(?:i?B)?(?:\/s)?$/i.exec(text.trim());
+  return parseBytes(text, true);
+}
+
+/** "64M" -> 67108864, as parseRate without the "/s". */
+export function parseSize(text: string): number | null {
+  return parseBytes(text, false);
+}
+
+function parseBytes(text: string, perSecond: boolean): number | null {
+  const match = (perSecond ? /^(\d+(?:\.\d+)?)([KMG]?)(?:i?B)?(?:\/s)?$/i : /^(\d+(?:\.\d+)?)([KMG]?)(?:i?B)?$/i).exec(text.trim());
   if (match === null) return null;
   const value = Math.floor(Number(match[1]) * (rateUnits[(match[2] ?? '').toUpperCase()] ?? 1));
   return Number.isSafeInteger(value) && value > 0 ? value : null;

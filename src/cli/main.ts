@@ -5,7 +5,7 @@ import { Command, CommanderError } from 'commander';
 import { defaultConfigPath, defaults, loadConfigFile } from '../config/config';
 import { ControlClient } from '../control/client';
 import { BmError, ControlErrorCode, errorCode, errorMessage } from '../control/errors';
-import { syncTimeoutMsMax, syncTimeoutMsMin, type MethodName, type MethodParams, type MethodResults } from '../control/protocol';
+import { asyncBufferBytesMax, asyncBufferBytesMin, syncTimeoutMsMax, syncTimeoutMsMin, type MethodName, type MethodParams, type MethodResults } from '../control/protocol';
 import { packageVersion } from '../daemon/version';
 import {
   formatMirrorList,
@@ -20,6 +20,7 @@ import {
   formatVolumeList,
   parseDurationMs,
   parseRate,
+  parseSize,
 } from './format';
 
 export const exitCodes = { ok: 0, daemonError: 1, usage: 2, unreachable: 3 } as const;
@@ -212,8 +213,10 @@ function buildProgram(): Command {
       const params: Record<string, unknown> = { volume: volumeName, peer: options.peer, target: options.target, mode: options.mode, onDisconnect: options.onDisconnect, ...tunables(options) };
       if (params.maxRateBytesPerSec === null) delete params.maxRateBytesPerSec;
       if (options.asyncBuffer !== undefined) {
-        const bytes = parseRate(options.asyncBuffer);
-        if (bytes === null) throw usageError('--async-buffer: expected a size in bytes with an optional K, M or G suffix, e.g. 64M');
+        const bytes = parseSize(options.asyncBuffer);
+        if (bytes === null || bytes < asyncBufferBytesMin || bytes > asyncBufferBytesMax) {
+          throw usageError('--async-buffer: expected a size from 1M to 1G with an optional K, M or G suffix, e.g. 64M');
+        }
         params.asyncBufferBytes = bytes;
       }
       return call(program, 'mirror.add', params as MethodParams<'mirror.add'>, (result) => formatMirrorStatus([result]));

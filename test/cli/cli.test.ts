@@ -96,6 +96,11 @@ t.test('usage errors exit 2', async (t) => {
     const result = await runCli(['--socket', '/nonexistent/control.sock', 'mirror', 'set', 'v', '--sync-timeout', value]);
     t.equal(result.code, 3, `--sync-timeout ${value} passes the CLI and fails only at connecting: ${result.stderr}`);
   }
+  // --async-buffer: a size (no "/s") from 1 MiB to 1 GiB, checked before connecting.
+  for (const [value, code] of [['512K', 2], ['2G', 2], ['64M/s', 2], ['64M', 3], ['1G', 3]] as const) {
+    const result = await runCli(['--socket', '/nonexistent/control.sock', 'mirror', 'add', 'v', '--peer', 'p', '--target', 't', '--async-buffer', value]);
+    t.equal(result.code, code, `--async-buffer ${value}: ${result.stderr}`);
+  }
   const fraction = await runCli(['--socket', '/nonexistent/control.sock', 'mirror', 'set', 'v', '--sync-timeout', '1.0005s']);
   t.equal(fraction.code, 2, 'a fraction of a millisecond is refused');
   const help = await runCli(['--help']);

@@ -1,7 +1,8 @@
-// Human output of `blockmirror status` for fields a daemon may lack or switch off.
+// Human output of the CLI (sizes, `blockmirror status` fields a daemon may lack or switch off) and
+// the size and rate arguments it parses.
 import t from 'tap';
 
-import { formatStatus } from '../../src/cli/format';
+import { formatSize, formatStatus, parseRate, parseSize } from '../../src/cli/format';
 import type { StatusResult } from '../../src/control/protocol';
 
 const base: StatusResult = {
@@ -18,4 +19,20 @@ t.test('busy poll: counters, off, the thread pool, and a daemon older than the C
   // A CLI upgraded while the old daemon still runs: the field is missing, status must still print.
   const { busyPoll: _dropped, ...older } = base;
   tt.match(formatStatus(older as StatusResult), /^busy poll:\s+- \(daemon older than this CLI\)$/m);
+});
+
+t.test('sizes never show 1024 of a unit', async (tt) => {
+  const cases: Array<[number, string]> = [
+    [0, '0 B'], [1023, '1023 B'], [1024, '1.0 KiB'], [1536, '1.5 KiB'], [102400, '100 KiB'],
+    [1048575, '1.0 MiB'], [1048576, '1.0 MiB'], [1073741823, '1.0 GiB'], [64 * 1024 ** 3, '64.0 GiB'],
+  ];
+  for (const [bytes, shown] of cases) tt.equal(formatSize(bytes), shown, String(bytes));
+});
+
+t.test('sizes take no "/s"; rates may', async (tt) => {
+  tt.equal(parseSize('64M'), 64 * 1024 * 1024);
+  tt.equal(parseSize('1.5GiB'), 1.5 * 1024 ** 3);
+  tt.equal(parseSize('64M/s'), null);
+  tt.equal(parseSize('0'), null);
+  tt.equal(parseRate('64M/s'), 64 * 1024 * 1024);
 });
