@@ -112,7 +112,10 @@ function buildProgram(): Command {
     .option('--json', 'print the result as JSON', false)
     .option('--timeout <ms>', 'give up on a request after this many milliseconds', String(requestTimeoutMsDefault))
     .exitOverride()
-    .showHelpAfterError(false);
+    .showHelpAfterError(false)
+    // Usage errors in the same "blockmirror: CODE: message" form as every other error (commander
+    // says "error: ..."); subcommands created below inherit this.
+    .configureOutput({ outputError: (text, write) => write(`blockmirror: BM_ERR_USAGE: ${text.replace(/^error: /, '')}`) });
 
   const volume = program.command('volume').description('add, list, inspect and remove volumes').exitOverride();
   volume

@@ -89,6 +89,11 @@ t.test('usage errors exit 2', async (t) => {
     const result = await runCli(['--socket', '/nonexistent/control.sock', ...args]);
     t.equal(result.code, 2, `blockmirror ${args.join(' ')}: ${result.stderr}`);
   }
+  // commander's own usage errors carry the code too, in the form every other error has.
+  const unknownFlag = await runCli(['--no-such-flag', 'status']);
+  t.equal(unknownFlag.stderr, "blockmirror: BM_ERR_USAGE: unknown option '--no-such-flag'\n");
+  const noDevice = await runCli(['volume', 'add', 'x']);
+  t.equal(noDevice.stderr, "blockmirror: BM_ERR_USAGE: required option '--device <path>' not specified\n");
   const emptySocket = await runCli(['--socket', '', 'status']);
   t.match(emptySocket.stderr, /BM_ERR_USAGE: --socket: expected a path/);
   // Whole milliseconds in decimal units are valid: 4.1m is 246000 ms (floating point said 245999.99...).
