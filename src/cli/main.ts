@@ -46,12 +46,19 @@ function cliPath(flag: string, value: string): string {
   return path.resolve(value);
 }
 
-/** --socket, else the daemon's config file's controlSocket (the file the daemon reads: --config,
- *  or the default path when it exists), else the built-in default. */
-function controlSocketPath(options: GlobalOptions): string {
+/** --socket, else the controlSocket of the daemon's config file (--config, or the default path
+ *  when it exists), else the built-in default. A default file this user may not read (EACCES:
+ *  root's file, the CLI run by a member of the socket's group) is skipped, as before the CLI
+ *  read it; any other problem with the file is an error rather than a guess. */
+export function controlSocketPath(options: Pick<GlobalOptions, 'socket' | 'config'>, load: typeof loadConfigFile = loadConfigFile): string {
   if (options.socket !== undefined) return cliPath('--socket', options.socket);
-  const configPath = options.config === undefined ? defaultConfigPath : cliPath('--config', options.config);
-  return loadConfigFile(configPath, options.config === undefined)?.controlSocket ?? defaults.controlSocket;
+  if (options.config !== undefined) return load(cliPath('--config', options.config), false)?.controlSocket ?? defaults.controlSocket;
+  try {
+    return load(defaultConfigPath, true)?.controlSocket ?? defaults.controlSocket;
+  } catch (error) {
+    if (errorCode((error as { cause?: unknown }).cause) === 'EACCES') return defaults.controlSocket;
+    throw error;
+  }
 }
 
 /** Run one request and print its result: JSON with --json, else the human rendering. */
