@@ -1,5 +1,6 @@
 // Entry point of the blockmirror CLI (bin/blockmirror.js calls main(process.argv)).
-// Exit status: 0 success, 1 the daemon answered with an error, 2 bad usage, 3 daemon unreachable.
+// Exit status: 0 success, 1 the daemon answered with an error (or the config file read for the
+// socket is unusable), 2 bad usage, 3 daemon unreachable.
 import path from 'node:path';
 import { Command, CommanderError } from 'commander';
 import { defaultConfigPath, defaults, loadConfigFile } from '../config/config';
