@@ -170,9 +170,18 @@ export interface FioSide {
   clat_ns: { percentile?: Record<string, number>; mean: number };
 }
 
-/** Runs fio with `args` (no output options) and returns jobs[0]'s read or write side. Async, so
- *  the caller's timers (status polls, samplers) keep running meanwhile. */
-export async function runFio(args: string[], side: 'read' | 'write', outputFile: string): Promise<FioSide> {
+/** One job of a fio JSON report. */
+export interface FioJob {
+  jobname: string;
+  error: number;
+  read: FioSide;
+  write: FioSide;
+}
+
+/** Runs fio with `args` (no output options; several jobs when the args hold several --name) and
+ *  returns every job of the report. Async, so the caller's timers (status polls, samplers) keep
+ *  running meanwhile. */
+export async function runFioJobs(args: string[], outputFile: string): Promise<FioJob[]> {
   rmSync(outputFile, { force: true });
   const child = spawn('fio', [...args, '--output-format=json', `--output=${outputFile}`], { stdio: ['ignore', 'ignore', 'inherit'] });
   runningFio.add(child);
@@ -181,10 +190,16 @@ export async function runFio(args: string[], side: 'read' | 'write', outputFile:
     child.once('exit', (exitCode) => resolve(exitCode));
   }).finally(() => runningFio.delete(child));
   if (code !== 0) throw new Error(`fio ${args.join(' ')} exited with ${code}`);
-  const report = JSON.parse(readFileSync(outputFile, 'utf8'));
-  const job = report.jobs[0];
-  if (job.error !== 0) throw new Error(`fio ${args.join(' ')}: job error ${job.error}`);
-  return job[side] as FioSide;
+  const jobs = JSON.parse(readFileSync(outputFile, 'utf8')).jobs as FioJob[];
+  const failed = jobs.find((job) => job.error !== 0);
+  if (failed !== undefined) throw new Error(`fio ${args.join(' ')}: job ${failed.jobname} error ${failed.error}`);
+  return jobs;
+}
+
+/** Runs one fio job and returns its read or write side. */
+export async function runFio(args: string[], side: 'read' | 'write', outputFile: string): Promise<FioSide> {
+  const [job] = await runFioJobs(args, outputFile);
+  return job[side];
 }
 
 export function p50Us(side: FioSide): number {

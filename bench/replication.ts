@@ -9,6 +9,12 @@
 //   4. resync after a suspension: bytes resent vs the bytes the mirror recorded dirty.
 //   5. 4k randwrite QD32 with the mirror switched to async mode (ordered writes) vs unmirrored.
 //
+// Beside each ratio, the machine's ceilings for it (bench/ceiling.ts): the ratio the source side
+// reaches while a spare device takes the same writes at the same rate, (a) written by fio
+// directly, with no network and no target daemon: an upper bound for any replicator on this
+// machine; (b) through the target daemon's NBD export over TCP: a client mirroring by itself,
+// everything a mirror costs except the source daemon's forwarding.
+//
 // Prints a table (figure, peer, ratio, bar, PASS/FAIL, CPU used) and writes
 // bench/results/replication-<timestamp>.json. Needs root (losetup) and fio with its nbd engine.
 // On a small VM every other process skews the figures: the CPU that processes outside the
@@ -17,7 +23,8 @@
 //   BENCH_RUNTIME (5)          seconds per NBD fio job (plus 1 s ramp)
 //   BENCH_ROUNDS (3)           rounds of the NBD jobs (medians are reported)
 //   BENCH_SYNC_ROUNDS (3)      full syncs (mirror remove and add between them; the median counts)
-//   BENCH_RAW_RUNTIME (3)      seconds per raw-device fio job
+//   BENCH_RAW_RUNTIME (3)      seconds per raw-device fio job (and per machine-ceiling step)
+//   BENCH_CEILING_STEPS (3)    fixed-point steps of each machine ceiling
 //   BENCH_DAEMON_NODE_FLAGS    extra node flags for both daemons, e.g. "--cpu-prof --cpu-prof-dir=/tmp/p"
 //   BENCH_STRICT=1             exit 1 when a bar fails
 import { execFileSync } from 'node:child_process';
@@ -27,6 +34,7 @@ import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { ControlClient } from '../src/control/client';
 import type { MirrorInfo } from '../src/control/protocol';
+import { type Ceiling, machineCeiling } from './ceiling';
 import {
   BenchResources,
   cpuCores,
@@ -59,6 +67,8 @@ const warmupSeconds = 2;
 const rawRuntimeSeconds = Number(process.env.BENCH_RAW_RUNTIME ?? 3);
 const strict = process.env.BENCH_STRICT === '1';
 const resyncRegionBytes = 64 * 1024;
+/** Fixed-point steps of each machine ceiling (bench/ceiling.ts). */
+const ceilingSteps = Number(process.env.BENCH_CEILING_STEPS ?? 3);
 /** 1% of the volume, in 64 KiB writes (164 for 1 GiB). */
 const resyncWrites = Math.max(1, Math.round((deviceBytes * 0.01) / resyncRegionBytes));
 const mirrored = 'vol0';
@@ -103,6 +113,10 @@ interface Row {
   ratio: number;
   bar: string;
   pass: boolean;
+  /** The machine's ceilings for this ratio (bench/ceiling.ts), when measured: the target's
+   *  writes straight to a device, and through the target daemon over TCP. */
+  ceiling?: number;
+  ceilingTcp?: number;
   note: string;
 }
 
@@ -112,12 +126,15 @@ function rawFio(device: string, rw: 'read' | 'write', output: string, onePass = 
   return runFio(args, rw, output);
 }
 
+/** fio options of one NBD job (after its --name). */
+const nbdJobArgs = (uri: string, job: NbdJob): string[] => ['--ioengine=nbd', `--uri=${uri}`, `--rw=${job.rw}`, `--bs=${job.blockSize}`, `--iodepth=${job.ioDepth}`];
+
+/** fio options of the same job's writes straight to a device (a mirror target's device work). */
+const deviceJobArgs = (device: string, job: NbdJob): string[] =>
+  [`--filename=${device}`, '--ioengine=io_uring', '--direct=1', `--rw=${job.rw}`, `--bs=${job.blockSize}`, `--iodepth=${job.ioDepth}`, `--size=${deviceBytes}`];
+
 function nbdFio(uri: string, job: NbdJob, output: string, seconds = runtimeSeconds): Promise<FioSide> {
-  return runFio(
-    ['--name=nbd', '--ioengine=nbd', `--uri=${uri}`, `--rw=${job.rw}`, `--bs=${job.blockSize}`, `--iodepth=${job.ioDepth}`, '--time_based', `--runtime=${seconds}`, '--ramp_time=1'],
-    'write',
-    output,
-  );
+  return runFio(['--name=nbd', ...nbdJobArgs(uri, job), '--time_based', `--runtime=${seconds}`, '--ramp_time=1'], 'write', output);
 }
 
 /** When the mirror last entered INSYNC, from its history (ms since the epoch), if not before notBeforeMs. */
@@ -162,12 +179,15 @@ async function main(): Promise<void> {
     devices.push(target);
     const plainDevice = createLoopDevice(work, 'plain.img', deviceBytes, { allocate: true });
     devices.push(plainDevice);
+    // Stands in for a target's device in the machine ceilings (the target's is the daemon's then).
+    const spare = createLoopDevice(work, 'spare.img', deviceBytes, { allocate: true });
+    devices.push(spare);
 
     // Fill every device with fio's random buffers (the copy overwrites the target's): the first
     // write of a tmpfs page is several times slower than later ones on this kind of VM (the host
     // backs the page then), and no figure should include that. Then the raw limits.
     const fills: Record<string, number> = {};
-    for (const [name, device] of [['source', source], ['target', target], ['plain', plainDevice]] as const) {
+    for (const [name, device] of [['source', source], ['target', target], ['plain', plainDevice], ['spare', spare]] as const) {
       fills[name] = (await rawFio(device.path, 'write', fioOut, true)).bw_bytes;
     }
     log(`devices filled with random data (first touch, MB/s): ${Object.entries(fills).map(([name, value]) => `${name} ${(value / 1e6).toFixed(0)}`).join(', ')}`);
@@ -175,6 +195,19 @@ async function main(): Promise<void> {
     const rawWrite = await rawFio(target.path, 'write', fioOut);
     const rawLimit = Math.min(rawRead.bw_bytes, rawWrite.bw_bytes) / 1e6;
     log(`raw source read ${(rawRead.bw_bytes / 1e6).toFixed(0)} MB/s, raw target write ${(rawWrite.bw_bytes / 1e6).toFixed(0)} MB/s`);
+    // The full sync's ceiling: the source read and the target write at once, nothing in between.
+    const rawJob = (device: string, rw: 'read' | 'write'): string[] =>
+      [`--filename=${device}`, '--ioengine=io_uring', '--direct=1', `--rw=${rw}`, '--bs=1M', '--iodepth=8', `--size=${deviceBytes}`];
+    const ceilings: Ceiling[] = [];
+    const logCeiling = (ceiling: Ceiling): void =>
+      log(`machine ceiling, ${ceiling.what}: ${ceiling.value.toFixed(0)} ${ceiling.unit}, ${ceiling.ratio.toFixed(2)}x of ${ceiling.reference.toFixed(0)} ` +
+        `(steps: ${ceiling.steps.map((step) => `target limit ${step.targetLimit.toFixed(0)} -> source ${step.source.toFixed(0)}, target ${step.target.toFixed(0)}`).join('; ')})`);
+    const fullSyncCeiling = await machineCeiling({
+      what: 'full sync', unit: 'MB/s', sourceJob: rawJob(source.path, 'read'), sourceSide: 'read', targetJob: rawJob(target.path, 'write'),
+      reference: rawLimit, startRate: 0.8 * rawLimit, iterations: ceilingSteps, seconds: rawRuntimeSeconds, output: fioOut,
+    });
+    ceilings.push(fullSyncCeiling);
+    logCeiling(fullSyncCeiling);
 
     // Two daemons: A (source) and B (target, listening on 127.0.0.1).
     const secretFile = join(work, 'secret');
@@ -197,7 +230,8 @@ async function main(): Promise<void> {
       return { client, nbdSocket, pid: child.pid ?? 0 };
     };
     const a = await start('hostA', []);
-    const b = await start('hostB', ['--listen', '127.0.0.1:0']);
+    // NBD on TCP too, for the ceilings over TCP.
+    const b = await start('hostB', ['--listen', '127.0.0.1:0', '--nbd-listen', '127.0.0.1:0']);
     const listen = (await b.client.request('status', {})).replicationListen;
     if (listen === null) throw new Error('target daemon is not listening');
     await b.client.request('peer.add', { name: 'hostA', address: '127.0.0.1:1', secretFile });
@@ -284,6 +318,41 @@ async function main(): Promise<void> {
     };
     const samples: Record<string, { mirrored: NbdSample[]; plain: NbdSample[] }> = {};
     for (const job of nbdJobs) samples[job.name] = await compare(job);
+    // Each job's ceiling: the unmirrored volume's job while the spare device takes the same
+    // writes; the divisor is the same job alone, run right before.
+    const jobCeilings: Record<string, Ceiling> = {};
+    for (const job of nbdJobs) {
+      const alone = await nbdFio(uris.plain, job, fioOut, rawRuntimeSeconds);
+      const solo = job.unit === 'IOPS' ? alone.iops : alone.bw_bytes / 1e6;
+      const ceiling = await machineCeiling({
+        what: job.name, unit: job.unit, sourceJob: nbdJobArgs(uris.plain, job), sourceSide: 'write', targetJob: deviceJobArgs(spare.path, job),
+        reference: solo, startRate: job.bar * solo, iterations: ceilingSteps, seconds: rawRuntimeSeconds, output: fioOut,
+      });
+      jobCeilings[job.name] = ceiling;
+      ceilings.push(ceiling);
+      logCeiling(ceiling);
+    }
+    // (b) The same with the target's writes through the target daemon's NBD export of the spare
+    // device over TCP: the network and the target daemon included, no forwarding by the source.
+    const spareUri = (await b.client.request('volume.add', { name: 'spare0', device: spare.path })).nbdTcpUri;
+    if (spareUri === undefined) throw new Error('the target daemon has no NBD TCP address');
+    const tcpCeilings: Record<string, Ceiling> = {};
+    const fullSyncTcpCeiling = await machineCeiling({
+      what: 'full sync, over TCP', unit: 'MB/s', sourceJob: rawJob(source.path, 'read'), sourceSide: 'read', targetJob: nbdJobArgs(spareUri, { ...(nbdJobs[1] as NbdJob), rw: 'write' }),
+      reference: rawLimit, startRate: 0.8 * rawLimit, iterations: ceilingSteps, seconds: rawRuntimeSeconds, output: fioOut,
+    });
+    ceilings.push(fullSyncTcpCeiling);
+    logCeiling(fullSyncTcpCeiling);
+    for (const job of nbdJobs) {
+      const reference = (jobCeilings[job.name] as Ceiling).reference;
+      const ceiling = await machineCeiling({
+        what: `${job.name}, over TCP`, unit: job.unit, sourceJob: nbdJobArgs(uris.plain, job), sourceSide: 'write', targetJob: nbdJobArgs(spareUri, job),
+        reference, startRate: job.bar * reference, iterations: ceilingSteps, seconds: rawRuntimeSeconds, output: fioOut,
+      });
+      tcpCeilings[job.name] = ceiling;
+      ceilings.push(ceiling);
+      logCeiling(ceiling);
+    }
 
     // 4. Resync. Idle past the mirror's periodic target flush (every 1 s) first, so no
     // acknowledged-but-unflushed write turns dirty when the link drops.
@@ -337,6 +406,8 @@ async function main(): Promise<void> {
         ratio: fullSyncMBps / rawLimit,
         bar: '>= 0.8',
         pass: fullSyncMBps / rawLimit >= 0.8 && fullSyncIdentical && everyByteCopied,
+        ceiling: fullSyncCeiling.ratio,
+        ceilingTcp: fullSyncTcpCeiling.ratio,
         note: `${fullSyncSeconds.toFixed(2)} s; raw read ${(rawRead.bw_bytes / 1e6).toFixed(0)}, write ${(rawWrite.bw_bytes / 1e6).toFixed(0)} MB/s; daemon CPU ${fullSyncCpuUsPerMB.toFixed(0)} us per MB; ${coresNote(fullSyncCores)}; target ${fullSyncIdentical ? 'identical' : 'DIFFERS'}${everyByteCopied ? '' : '; NOT EVERY BYTE WAS SENT AS DATA'}`,
       },
       ...nbdJobs.map((job): Row => {
@@ -353,6 +424,8 @@ async function main(): Promise<void> {
           ratio: value / peer,
           bar: `>= ${job.bar}`,
           pass: value / peer >= job.bar && allLive,
+          ceiling: jobCeilings[job.name]?.ratio,
+          ceilingTcp: tcpCeilings[job.name]?.ratio,
           note:
             `p50 ${median(ours.map((s) => s.p50Us)).toFixed(0)} / ${median(theirs.map((s) => s.p50Us)).toFixed(0)} us; ` +
             `daemon CPU ${median(ours.map((s) => s.daemonCpuUs)).toFixed(1)} / ${median(theirs.map((s) => s.daemonCpuUs)).toFixed(1)} us per ${job.unit === 'IOPS' ? 'write' : 'MB'}; mirrored ${coresNote(medianCores(ours))}; ` +
@@ -373,6 +446,8 @@ async function main(): Promise<void> {
           ratio: value / peer,
           bar: '>= 0.8',
           pass: value / peer >= 0.8 && allOrdered && finalIdentical,
+          ceiling: jobCeilings[asyncJob.name]?.ratio,
+          ceilingTcp: tcpCeilings[asyncJob.name]?.ratio,
           note:
             `p50 ${median(ours.map((s) => s.p50Us)).toFixed(0)} / ${median(theirs.map((s) => s.p50Us)).toFixed(0)} us; ` +
             `daemon CPU ${median(ours.map((s) => s.daemonCpuUs)).toFixed(1)} / ${median(theirs.map((s) => s.daemonCpuUs)).toFixed(1)} us per write; mirrored ${coresNote(medianCores(ours))}` +
@@ -396,11 +471,19 @@ async function main(): Promise<void> {
       `\nreplication: two daemons over 127.0.0.1, tmpfs-backed loop devices (${deviceBytes / MiB} MiB, direct-io=on); ` +
         `NBD jobs: medians of ${rounds} rounds x ${runtimeSeconds} s; cores = CPU used (1.00 = one core)\n`,
     );
-    console.log('| figure | blockmirror | peer | ratio | bar | result | notes |');
-    console.log('|---|---|---|---|---|---|---|');
+    console.log('| figure | blockmirror | peer | ratio | bar | result | ceiling: device | ceiling: over TCP | notes |');
+    console.log('|---|---|---|---|---|---|---|---|---|');
+    const ratio = (value: number | undefined): string => (value === undefined ? '-' : `${value.toFixed(2)}x`);
     for (const row of rows) {
-      console.log(`| ${row.figure} | ${fmt(row.value, row.unit)} | ${row.peerName} ${fmt(row.peer, row.unit)} | ${row.ratio.toFixed(2)}x | ${row.bar} | ${row.pass ? 'PASS' : 'FAIL'} | ${row.note} |`);
+      console.log(
+        `| ${row.figure} | ${fmt(row.value, row.unit)} | ${row.peerName} ${fmt(row.peer, row.unit)} | ${row.ratio.toFixed(2)}x | ${row.bar} | ${row.pass ? 'PASS' : 'FAIL'} | ` +
+          `${ratio(row.ceiling)} | ${ratio(row.ceilingTcp)} | ${row.note} |`,
+      );
     }
+    console.log(
+      '\nceilings (bench/ceiling.ts): the ratio the source side reached while a spare device took the same writes at the same rate, ' +
+        'written by fio directly (device: no network, no target daemon) or through the target daemon\'s NBD export over TCP',
+    );
     foreign.sample();
     const foreignSeconds = foreign.totalSeconds;
     const totalSecondsSoFar = (Date.now() - startedMs) / 1000;
@@ -431,6 +514,7 @@ async function main(): Promise<void> {
           raw: { fillBytesPerSec: fills, readBytesPerSec: rawRead.bw_bytes, writeBytesPerSec: rawWrite.bw_bytes },
           fullSync: { seconds: fullSyncSeconds, runs: fullSyncs, identical: fullSyncIdentical, daemonCpuUsPerMB: fullSyncCpuUsPerMB },
           nbd: samples,
+          ceilings,
           async: asyncSamples,
           resync: {
             writes: resyncWrites,
