@@ -353,6 +353,8 @@ class TargetSession {
   /** Set by the last ordered write: every write received from then on waits for what came
    *  before that write (async mode's epochs). `landed` spares later writes the wait. */
   private epoch: { landed: boolean; start: Promise<void> } | undefined;
+  /** A write (not FUA) was issued to the device since the last epoch's flush. */
+  private unflushedSinceEpoch = false;
   /** A write of an epoch failed: applying later ones would leave a device the source never
    *  passed through, so they are refused too. */
   private readonly breakOrder = (error: unknown): never => {
@@ -483,18 +485,30 @@ class TargetSession {
     const bytes = payload?.length ?? 0;
     this.inFlightBytes += bytes;
     // An ordered write starts an epoch: it and every write after it start once every write
-    // before it landed, so a write never lands before one the source had acknowledged when it
-    // was issued (crash consistent). Within an epoch writes only wait for overlaps.
+    // before it landed and was flushed, so a write never reaches the device before one the
+    // source had acknowledged when it was issued is durable (crash consistent, also when the
+    // target host loses power and its device's volatile cache with it). Within an epoch writes
+    // only wait for overlaps.
     if (ordered) {
-      const epoch = { landed: false, start: this.order.drain() };
-      void epoch.start.then(() => {
-        epoch.landed = true;
-      });
+      const start = this.order.drain().then(() => this.flushEarlierEpochs());
+      const epoch = { landed: false, start };
+      start.then(
+        () => {
+          epoch.landed = true;
+        },
+        (error: unknown) => {
+          // Its writes fail with this error (run below) and, the order broken, so do later ones.
+          this.orderBroken = true;
+          this.logger.error({ err: error }, 'flushing the mirror volume between two epochs failed');
+        },
+      );
       this.epoch = epoch;
     }
     const epoch = this.epoch;
-    const issue = (): Promise<void> =>
-      zeroes || payload === undefined ? this.volume.mirrorWriteZeroes(offsetBytes, lengthBytes, fua) : this.volume.mirrorWrite(offsetBytes, payload, fua);
+    const issue = (): Promise<void> => {
+      if (!fua) this.unflushedSinceEpoch = true;
+      return zeroes || payload === undefined ? this.volume.mirrorWriteZeroes(offsetBytes, lengthBytes, fua) : this.volume.mirrorWrite(offsetBytes, payload, fua);
+    };
     const apply =
       this.faultDelayMaxMs > 0
         ? (): Promise<void> => new Promise((resolve) => setTimeout(resolve, Math.random() * this.faultDelayMaxMs)).then(issue)
@@ -523,6 +537,14 @@ class TargetSession {
         this.answer('writeAck', sequence, statusFor(error));
       },
     );
+  }
+
+  /** Before an epoch's writes start (every earlier write has landed): makes the earlier ones
+   *  durable. Nothing is issued meanwhile, as every later write waits for this epoch. */
+  private flushEarlierEpochs(): Promise<void> | undefined {
+    if (!this.unflushedSinceEpoch) return undefined;
+    this.unflushedSinceEpoch = false;
+    return this.volume.flush();
   }
 
   /** Flush: durable once every write received before it has landed. Barrier: landed only. */

@@ -180,6 +180,9 @@ export class FakeTarget implements ReplicaTarget {
   beforeWrite: (offsetBytes: number, data: Buffer) => Promise<void> | void = () => undefined;
   /** Runs after a write was applied, before it is acknowledged. */
   afterWrite: (offsetBytes: number, data: Buffer) => void = () => undefined;
+  /** Runs before a flush; throwing fails it (nothing is flushed then). */
+  beforeFlush: () => void = () => undefined;
+  flushes = 0;
   /** Offset -> bytes before the first unflushed write there. */
   private readonly unflushed = new Map<number, Buffer>();
 
@@ -212,7 +215,14 @@ export class FakeTarget implements ReplicaTarget {
   }
 
   async flush(): Promise<void> {
+    this.beforeFlush();
+    this.flushes++;
     this.unflushed.clear();
+  }
+
+  /** Offsets of the writes applied and not flushed since (volatile targets only). */
+  unflushedOffsets(): number[] {
+    return [...this.unflushed.keys()];
   }
 
   /** Whether some write is applied but not flushed. */
@@ -227,7 +237,7 @@ export class FakeTarget implements ReplicaTarget {
   }
 
   private remember(offsetBytes: number, lengthBytes: number): void {
-    if (this.options.volatile !== true) return;
+    if (this.options.volatile !== true || this.unflushed.has(offsetBytes)) return;
     this.unflushed.set(offsetBytes, Buffer.from(this.data.subarray(offsetBytes, offsetBytes + lengthBytes)));
   }
 }
