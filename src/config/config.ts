@@ -30,6 +30,8 @@ export interface DaemonConfig {
   nodeName: string;
   /** Replication timeouts and retry backoff, in ms. */
   replication: ReplicationTiming;
+  /** Target side: flush a mirror volume at every async epoch boundary (file replication.epochFlush). */
+  epochFlush: boolean;
   /** Write-intent log of mirrored volumes (docs/WRITE-INTENT.md). */
   writeIntent: { activityLogExtents: number };
   stateDir: string;
@@ -110,6 +112,7 @@ export const configFileSchema = z.strictObject({
       ackTimeoutMs: z.number().int().min(100).max(3_600_000).optional(),
       backoffBaseMs: z.number().int().min(1).max(3_600_000).optional(),
       backoffMaxMs: z.number().int().min(1).max(3_600_000).optional(),
+      epochFlush: z.boolean().optional(),
     })
     .refine((timing) => (timing.backoffBaseMs ?? replicationTimingDefaults.backoffBaseMs) <= (timing.backoffMaxMs ?? replicationTimingDefaults.backoffMaxMs), 'backoffBaseMs must not exceed backoffMaxMs')
     .optional(),
@@ -226,9 +229,11 @@ export function resolveConfig(cli: CliConfig): DaemonConfig {
     nodeName = cli.nodeName;
   }
 
+  const { epochFlush: _epochFlush, ...replicationTiming } = file?.replication ?? {};
   return {
     nodeName,
-    replication: { ...replicationTimingDefaults, ...file?.replication },
+    replication: { ...replicationTimingDefaults, ...replicationTiming },
+    epochFlush: file?.replication?.epochFlush ?? false,
     writeIntent: { activityLogExtents: file?.writeIntent?.activityLogExtents ?? ACTIVITY_LOG_EXTENTS_DEFAULT },
     controlSocket: cli.controlSocket !== undefined ? cliSocketPath('--control-socket', cli.controlSocket) : (file?.controlSocket ?? defaults.controlSocket),
     nbdSocket: cli.nbdSocket !== undefined ? cliSocketPath('--nbd-socket', cli.nbdSocket) : (file?.nbdSocket ?? defaults.nbdSocket),

@@ -167,6 +167,7 @@ export class Daemon {
         resolveDivergence: (name, binding) => volumes.resolveDivergence(name, binding),
         logger: logger.child({ component: 'replication' }),
         faultApplyDelayMaxMs: faultApplyDelayFromEnv(logger),
+        epochFlush: config.epochFlush,
       });
       this.replicationPort = await this.replication.listen(config.replicationListen.host, config.replicationListen.port);
     }

@@ -458,19 +458,23 @@ export class Mirror implements VolumeReplica {
       });
     }
     this.forgetRestored(offsetBytes, data.length);
-    if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, data.length, data, local);
+    if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, data.length, data, fua, local);
     return this.forward(offsetBytes, data.length, local, (link, ordered) => link.write(offsetBytes, data, data.length, fua, ordered), !restore);
   }
 
   replicateZeroes(offsetBytes: number, lengthBytes: number, fua: boolean, local: Promise<void>): Promise<void> {
     this.forgetRestored(offsetBytes, lengthBytes);
-    if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, lengthBytes, undefined, local);
+    if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, lengthBytes, undefined, fua, local);
     return this.forward(offsetBytes, lengthBytes, local, (link, ordered) => link.write(offsetBytes, undefined, lengthBytes, fua, ordered));
   }
 
   async replicateFlush(): Promise<void> {
     // Stack and async modes promise nothing about when the target has it: a flush is the local
-    // device's alone.
+    // device's alone. Async mode still orders the target by it (below).
+    if (this.record.mode === 'async') {
+      this.orderTargetFlush();
+      return;
+    }
     if (this.record.mode !== 'sync') return;
     const link = this.liveLink();
     if (link === null) {
@@ -534,7 +538,7 @@ export class Mirror implements VolumeReplica {
    * up after a fallback or a crack), it only marks the bitmap; the target is crash consistent
    * again once the copier has made the bitmap clean.
    */
-  private async forwardOrdered(offsetBytes: number, lengthBytes: number, data: Buffer | undefined, local: Promise<void>): Promise<void> {
+  private async forwardOrdered(offsetBytes: number, lengthBytes: number, data: Buffer | undefined, fua: boolean, local: Promise<void>): Promise<void> {
     const link = this.liveLink();
     const overflow = this.asyncBytes + lengthBytes > this.asyncBufferBytes();
     // While catching up, a write into a region the copier still owes only marks it (the copier
@@ -564,7 +568,8 @@ export class Mirror implements VolumeReplica {
     const startsEpoch = this.asyncEpoch.link !== link || this.asyncEpoch.acknowledged || this.copiesInFlight.size > 0;
     if (startsEpoch) this.asyncEpoch = { link, acknowledged: false };
     this.asyncEpochs += startsEpoch ? 1 : 0;
-    void link.write(offsetBytes, payload, lengthBytes, false, startsEpoch).then((result) => {
+    // FUA travels too: the target makes the write durable before a later epoch starts.
+    void link.write(offsetBytes, payload, lengthBytes, fua, startsEpoch).then((result) => {
       if (result === 'ok') this.unflushed.setRange(offsetBytes, lengthBytes);
       else this.markDirty(offsetBytes, lengthBytes);
       this.asyncInFlight.delete(entry);
@@ -574,6 +579,21 @@ export class Mirror implements VolumeReplica {
     // A failed local write leaves bytes on the target the source does not hold.
     await local.catch(() => this.markDirty(offsetBytes, lengthBytes));
     // The client is answered from here on: later writes may depend on this one.
+    this.asyncEpoch.acknowledged = true;
+  }
+
+  /**
+   * Async mode, a client's FLUSH (answered once local): a target flush goes out in order after
+   * every write sent before it, and the next write starts an epoch, which the target applies
+   * only once that flush is done. So a target host losing power keeps every write before the
+   * flush, and of the later ones at most some: a state the source's own device could have been
+   * left in by a power loss, which the client (a file system's journal) is built to recover.
+   */
+  private orderTargetFlush(): void {
+    const link = this.liveLink();
+    if (link === null || !this.takesOrderedWrites(link) || !this.isOrdered()) return; // catching up: not consistent anyway
+    if (this.asyncInFlight.size === 0 && this.unflushed.count() === 0) return; // nothing to make durable
+    void this.flushTarget(link);
     this.asyncEpoch.acknowledged = true;
   }
 

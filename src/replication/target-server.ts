@@ -66,6 +66,11 @@ export interface ReplicationServerOptions {
   /** Fault layer for tests, 0 in production: each replicated write waits a random 0..N ms
    *  before it is issued, so writes that may run concurrently really finish out of order. */
   faultApplyDelayMaxMs?: number;
+  /** Flush the mirror volume at every epoch boundary of async mode (default false; config
+   *  replication.epochFlush): a target host losing power then keeps a prefix of the writes.
+   *  Without, it keeps every write before the source client's last FLUSH (forwarded in order)
+   *  and some of the later ones, as the source's own device would after a power loss. */
+  epochFlush?: boolean;
   /** Connections at once, authenticated or not (default replicationConnectionsMax); one
    *  accepted beyond it is closed at once. */
   maxConnections?: number;
@@ -236,7 +241,7 @@ export class ReplicationServer {
         pooled.delete(buffer);
         this.pool.release(buffer);
       }
-    }, this.options.faultApplyDelayMaxMs ?? 0, bindOnFlush, split);
+    }, { faultDelayMaxMs: this.options.faultApplyDelayMaxMs ?? 0, epochFlush: this.options.epochFlush ?? false }, bindOnFlush, split);
     this.sessions.set(hello.targetVolumeName, session);
     admitted();
     channel.send(
@@ -353,8 +358,9 @@ class TargetSession {
   /** Set by the last ordered write: every write received from then on waits for what came
    *  before that write (async mode's epochs). `landed` spares later writes the wait. */
   private epoch: { landed: boolean; start: Promise<void> } | undefined;
-  /** A write (not FUA) was issued to the device since the last epoch's flush. */
-  private unflushedSinceEpoch = false;
+  /** A write (not FUA) was issued to the device since the last epoch's flush. True at first:
+   *  an earlier session may have left writes unflushed, and the first epoch covers them too. */
+  private unflushedSinceEpoch = true;
   /** A write of an epoch failed: applying later ones would leave a device the source never
    *  passed through, so they are refused too. */
   private readonly breakOrder = (error: unknown): never => {
@@ -373,7 +379,7 @@ class TargetSession {
     readonly peerName: string,
     private readonly logger: Logger,
     private readonly releasePayload: (buffer: Buffer) => void,
-    private readonly faultDelayMaxMs: number,
+    private readonly applyOptions: { faultDelayMaxMs: number; epochFlush: boolean },
     /** Set for a generation the target does not know yet: recorded at the first durable flush. */
     private bindOnFlush: (() => Promise<void>) | undefined,
     /** Set while the volume is diverged (split brain). */
@@ -509,10 +515,9 @@ class TargetSession {
       if (!fua) this.unflushedSinceEpoch = true;
       return zeroes || payload === undefined ? this.volume.mirrorWriteZeroes(offsetBytes, lengthBytes, fua) : this.volume.mirrorWrite(offsetBytes, payload, fua);
     };
+    const faultDelayMaxMs = this.applyOptions.faultDelayMaxMs;
     const apply =
-      this.faultDelayMaxMs > 0
-        ? (): Promise<void> => new Promise((resolve) => setTimeout(resolve, Math.random() * this.faultDelayMaxMs)).then(issue)
-        : issue;
+      faultDelayMaxMs > 0 ? (): Promise<void> => new Promise((resolve) => setTimeout(resolve, Math.random() * faultDelayMaxMs)).then(issue) : issue;
     let run = apply;
     if (epoch !== undefined) {
       const applyInEpoch = (): Promise<void> =>
@@ -542,7 +547,7 @@ class TargetSession {
   /** Before an epoch's writes start (every earlier write has landed): makes the earlier ones
    *  durable. Nothing is issued meanwhile, as every later write waits for this epoch. */
   private flushEarlierEpochs(): Promise<void> | undefined {
-    if (!this.unflushedSinceEpoch) return undefined;
+    if (!this.unflushedSinceEpoch || !this.applyOptions.epochFlush) return undefined;
     this.unflushedSinceEpoch = false;
     return this.volume.flush();
   }
@@ -550,9 +555,11 @@ class TargetSession {
   /** Flush: durable once every write received before it has landed. Barrier: landed only. */
   private applyFlush(sequence: number, durable: boolean): void {
     this.flushesInFlight++;
+    // Run as an operation of no bytes: it overlaps no write, but the drain() of a later epoch
+    // waits for it, so a write ordered after a flush starts only once the flush is done.
+    const earlier = this.order.drain();
     void this.order
-      .drain()
-      .then(() => (durable ? this.volume.flush() : undefined))
+      .run(0, 0, () => earlier.then(() => (durable ? this.volume.flush() : undefined)))
       .then(async () => {
         const bind = durable ? this.bindOnFlush : undefined;
         this.bindOnFlush = undefined;

@@ -53,6 +53,7 @@ t.test('flags override the file, the file overrides defaults', async (t) => {
   t.same(fromFile, {
     nodeName: 'hostA',
     replication: { ...replicationTimingDefaults, ackTimeoutMs: 5000 },
+    epochFlush: false,
     writeIntent: { activityLogExtents: 512 },
     controlSocket: '/run/x/c.sock',
     nbdSocket: defaults.nbdSocket,
@@ -86,6 +87,12 @@ t.test('flags override the file, the file overrides defaults', async (t) => {
   for (const bad of ['', '-1', '1001', '1.5', '32us', '0x20', '00001']) {
     t.throws(() => resolveConfig({ config: file, busyPollUs: bad }), { code: 'BM_ERR_INVALID_ARGUMENT', message: /^--busy-poll-us: expected an integer 0\.\.1000/ }, JSON.stringify(bad));
   }
+  const epochFlush = writeConfig(t, JSON.stringify({ replication: { epochFlush: true, ackTimeoutMs: 5000 } }));
+  const resolved = resolveConfig({ config: epochFlush });
+  t.equal(resolved.epochFlush, true, 'the file can switch epoch flushes on');
+  t.same(resolved.replication, { ...replicationTimingDefaults, ackTimeoutMs: 5000 }, 'and the timing holds only timing');
+  const badFlush = writeConfig(t, JSON.stringify({ replication: { epochFlush: 'no' } }));
+  t.throws(() => resolveConfig({ config: badFlush }), { code: 'BM_ERR_CONFIG', message: /replication\.epochFlush/ });
   const off = writeConfig(t, JSON.stringify({ writeIntent: { activityLogExtents: 0 } }));
   t.equal(resolveConfig({ config: off }).writeIntent.activityLogExtents, 0, '0 switches it off');
   const tooSmall = writeConfig(t, JSON.stringify({ writeIntent: { activityLogExtents: 10 } }));

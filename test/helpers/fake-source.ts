@@ -117,12 +117,12 @@ export class FakeSource implements ReplicaSource {
 
   /** A client write whose local write takes `localMs` and, with `localFails`, fails with EIO
    *  (the local bytes then stay as they were). */
-  async write(offsetBytes: number, payload: Buffer, options: { localMs?: number; localFails?: boolean } = {}): Promise<void> {
-    const { localMs = 0, localFails = false } = options;
+  async write(offsetBytes: number, payload: Buffer, options: { localMs?: number; localFails?: boolean; fua?: boolean } = {}): Promise<void> {
+    const { localMs = 0, localFails = false, fua = false } = options;
     for (const replica of this.replicas) await replica.admit();
     this.admitted++;
     try {
-      await this.writeAdmitted(offsetBytes, payload, localMs, localFails);
+      await this.writeAdmitted(offsetBytes, payload, localMs, localFails, fua);
     } finally {
       if (--this.admitted === 0) for (const resolve of this.admittedWaiters.splice(0)) resolve();
     }
@@ -136,7 +136,7 @@ export class FakeSource implements ReplicaSource {
   private admitted = 0;
   private admittedWaiters: Array<() => void> = [];
 
-  private async writeAdmitted(offsetBytes: number, payload: Buffer, localMs: number, localFails: boolean): Promise<void> {
+  private async writeAdmitted(offsetBytes: number, payload: Buffer, localMs: number, localFails: boolean, fua: boolean): Promise<void> {
     const unlock = await this.lock();
     const local = new Promise<void>((resolve, reject) =>
       setTimeout(() => {
@@ -148,7 +148,7 @@ export class FakeSource implements ReplicaSource {
         }
       }, localMs),
     );
-    const replicated = Promise.allSettled(this.replicas.map((replica) => replica.replicateWrite(offsetBytes, payload, false, local)));
+    const replicated = Promise.allSettled(this.replicas.map((replica) => replica.replicateWrite(offsetBytes, payload, fua, local)));
     try {
       await local.then(
         () => undefined,
@@ -200,16 +200,16 @@ export class FakeTarget implements ReplicaTarget {
     return { data: Buffer.from(this.data.subarray(offsetBytes, offsetBytes + lengthBytes)), release: () => undefined };
   }
 
-  async mirrorWrite(offsetBytes: number, data: Buffer): Promise<void> {
+  async mirrorWrite(offsetBytes: number, data: Buffer, fua = false): Promise<void> {
     await this.beforeWrite(offsetBytes, data);
-    this.remember(offsetBytes, data.length);
+    if (!fua) this.remember(offsetBytes, data.length); // FUA: durable once written
     data.copy(this.data, offsetBytes);
     this.writes++;
     this.afterWrite(offsetBytes, data);
   }
 
-  async mirrorWriteZeroes(offsetBytes: number, lengthBytes: number): Promise<void> {
-    this.remember(offsetBytes, lengthBytes);
+  async mirrorWriteZeroes(offsetBytes: number, lengthBytes: number, fua = false): Promise<void> {
+    if (!fua) this.remember(offsetBytes, lengthBytes);
     this.data.fill(0, offsetBytes, offsetBytes + lengthBytes);
     this.writes++;
   }
@@ -217,7 +217,11 @@ export class FakeTarget implements ReplicaTarget {
   async flush(): Promise<void> {
     this.beforeFlush();
     this.flushes++;
-    this.unflushed.clear();
+    // Durable only a loop turn later, as a device flush takes its time: a caller that did
+    // not wait for it would find its earlier writes still unflushed.
+    const covered = [...this.unflushed.keys()];
+    await new Promise((resolve) => setImmediate(resolve));
+    for (const offsetBytes of covered) this.unflushed.delete(offsetBytes);
   }
 
   /** Offsets of the writes applied and not flushed since (volatile targets only). */
@@ -258,6 +262,8 @@ export async function startTarget(
     maxConnections?: number;
     /** Capabilities the target offers (default all: fewer act as an older daemon). */
     capabilities?: number;
+    /** Flush at async epoch boundaries (default false, as the daemon). */
+    epochFlush?: boolean;
   },
 ): Promise<{ server: ReplicationServer; port: number; forget: () => void }> {
   let binding: MirrorSourceBinding | undefined;
@@ -274,6 +280,7 @@ export async function startTarget(
     logger: options.logger.child({ side: 'target' }),
     maxConnections: options.maxConnections,
     capabilities: options.capabilities,
+    epochFlush: options.epochFlush,
   });
   const port = await server.listen('127.0.0.1', 0);
   t.teardown(() => server.close());

@@ -1,7 +1,8 @@
-// Async mode's epochs are separated by a flush on the target: a write of a new epoch reaches the
-// target's device only once every earlier epoch's writes are durable. Without it a target host
-// losing power could keep a later write in its device's cache and lose an earlier one the source
-// had acknowledged before issuing the later: a device the source never passed through.
+// What a target host's power loss leaves of an async mirror, whose device has a volatile cache.
+// By default the client's FLUSH and FUA order the target: a FLUSH goes to the target in order and
+// writes after it start only once it is done, FUA writes are FUA there too, so the target keeps
+// what the source's own device would keep after a power loss. With replication.epochFlush the
+// target also flushes at every epoch boundary: it keeps a prefix of the writes.
 // In-process rig (test/helpers/fake-source.ts) with a volatile target that tracks unflushed writes.
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
@@ -15,22 +16,51 @@ function driverDeaths(logs: LogLine[]): string[] {
   return logs.filter((line) => line.msg === 'mirror driver failed').map((line) => JSON.stringify(line.err));
 }
 
-t.test('async mode: a write of a new epoch lands only after the earlier epochs were flushed', async (t) => {
+/** At each of `ours`' arrival on the target's device: which earlier ones of `ours` are not durable. */
+function watchUndurable(target: FakeTarget, ours: Set<number>): string[] {
+  const undurable: string[] = [];
+  target.beforeWrite = (offsetBytes) => {
+    if (!ours.has(offsetBytes)) return;
+    const pending = target.unflushedOffsets().filter((other) => ours.has(other) && other !== offsetBytes);
+    if (pending.length > 0) undurable.push(`write at ${offsetBytes} found ${pending.join(', ')} unflushed`);
+  };
+  return undurable;
+}
+
+t.test('async mode, default: a client FLUSH reaches the target in order, and later writes land only after it', async (t) => {
   const { logger, logs } = captureLogger();
   const target = new FakeTarget({ volatile: true });
   const { port } = await startTarget(t, target, { logger });
   const source = new FakeSource();
   const { mirror } = startMirror(t, source, () => port, { logger, record: { mode: 'async' } });
   await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0, 'INSYNC in async mode');
+  const [a, b, c, d] = offsets as [number, number, number, number];
+  // The check at B's arrival only: A, then the client's FLUSH, then B.
+  const undurable = watchUndurable(target, new Set([a, b]));
+  const flushesBefore = target.flushes;
+  await source.write(a, randomBytes(4 * KiB));
+  await source.clientFlush();
+  await source.write(b, randomBytes(4 * KiB));
+  // And a FUA write is durable on the target before a later write lands.
+  const afterFua = watchUndurable(target, new Set([c, d]));
+  await source.write(c, randomBytes(4 * KiB), { fua: true });
+  await source.write(d, randomBytes(4 * KiB));
+  await waitFor(() => source.data.equals(target.data), 'source == target');
+  t.same(undurable, [], 'B reached the device only once A was flushed');
+  t.ok(target.flushes - flushesBefore >= 1, 'the client FLUSH reached the target');
+  t.same(afterFua, [], 'D reached the device only with C durable (FUA)');
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});
 
-  // At each of our writes' arrival on the device: which of our earlier writes are not durable.
-  const ours = new Set(offsets);
-  const undurable: string[] = [];
-  target.beforeWrite = (offsetBytes) => {
-    if (!ours.has(offsetBytes)) return;
-    const pending = target.unflushedOffsets().filter((other) => ours.has(other));
-    if (pending.length > 0) undurable.push(`write at ${offsetBytes} found ${pending.join(', ')} unflushed`);
-  };
+t.test('async mode with epochFlush: a write of a new epoch lands only after the earlier epochs were flushed', async (t) => {
+  const { logger, logs } = captureLogger();
+  const target = new FakeTarget({ volatile: true });
+  const { port } = await startTarget(t, target, { logger, epochFlush: true });
+  const source = new FakeSource();
+  const { mirror } = startMirror(t, source, () => port, { logger, record: { mode: 'async' } });
+  await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0, 'INSYNC in async mode');
+
+  const undurable = watchUndurable(target, new Set(offsets));
   const flushesBefore = target.flushes;
   const epochsBefore = mirror.info().async?.epochs ?? 0;
   // Dependent writes: each issued once the previous one was acknowledged (async: once local),
@@ -44,10 +74,28 @@ t.test('async mode: a write of a new epoch lands only after the earlier epochs w
   t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
 
-t.test('async mode: when the flush between two epochs fails, the later epoch is not applied', async (t) => {
+t.test('async mode, default: no flush between epochs without a client FLUSH', async (t) => {
   const { logger, logs } = captureLogger();
   const target = new FakeTarget({ volatile: true });
   const { port } = await startTarget(t, target, { logger });
+  const source = new FakeSource();
+  const { mirror } = startMirror(t, source, () => port, { logger, record: { mode: 'async' } });
+  await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0, 'INSYNC in async mode');
+  const flushesBefore = target.flushes;
+  const epochsBefore = mirror.info().async?.epochs ?? 0;
+  for (const offset of offsets) await source.write(offset, randomBytes(4 * KiB));
+  await waitFor(() => source.data.equals(target.data), 'source == target');
+  const epochs = (mirror.info().async?.epochs ?? 0) - epochsBefore;
+  t.ok(epochs >= offsets.length - 1, `the writes started ${epochs} epochs`);
+  // Only the source's periodic flush (one a second) may have run meanwhile.
+  t.ok(target.flushes - flushesBefore <= 2, `no flush per epoch (${target.flushes - flushesBefore} flushes)`);
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});
+
+t.test('async mode with epochFlush: when the flush between two epochs fails, the later epoch is not applied', async (t) => {
+  const { logger, logs } = captureLogger();
+  const target = new FakeTarget({ volatile: true });
+  const { port } = await startTarget(t, target, { logger, epochFlush: true });
   const source = new FakeSource();
   const { mirror } = startMirror(t, source, () => port, { logger, record: { mode: 'async' } });
   await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0 && !target.hasUnflushed, 'INSYNC in async mode, flushed');
@@ -60,8 +108,8 @@ t.test('async mode: when the flush between two epochs fails, the later epoch is 
   target.beforeWrite = (offsetBytes) => {
     if (failed && offsetBytes === second) appliedAfterFailure = true;
   };
+  // B right after A: the source's periodic flush (every second) must not take the injected failure.
   await source.write(first, A);
-  await waitFor(() => target.unflushedOffsets().includes(first), 'A on the target, not flushed');
   target.beforeFlush = () => {
     target.beforeFlush = () => undefined;
     failed = true;
