@@ -27,7 +27,7 @@
 //   BENCH_CEILING_STEPS (3)    fixed-point steps of each machine ceiling
 //   BENCH_DAEMON_NODE_FLAGS    extra node flags for both daemons, e.g. "--cpu-prof --cpu-prof-dir=/tmp/p"
 //   BENCH_STRICT=1             exit 1 when a bar fails
-//   BENCH_EPOCH_FLUSH=0        the target daemon without flushes at async epoch boundaries
+//   BENCH_EPOCH_FLUSH=1        the target daemon with flushes at async epoch boundaries (config replication.epochFlush)
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { chmodSync, mkdirSync, writeFileSync } from 'node:fs';
@@ -214,7 +214,7 @@ async function main(): Promise<void> {
     const secretFile = join(work, 'secret');
     writeFileSync(secretFile, randomBytes(32).toString('hex'), { mode: 0o600 });
     chmodSync(secretFile, 0o600);
-    const epochFlush = process.env.BENCH_EPOCH_FLUSH !== '0';
+    const epochFlush = process.env.BENCH_EPOCH_FLUSH === '1';
     const config = { replication: { connectTimeoutMs: 2000, ackTimeoutMs: 10_000, backoffBaseMs: 50, backoffMaxMs: 500, epochFlush } };
     const start = async (name: string, extra: string[]): Promise<{ client: ControlClient; nbdSocket: string; pid: number }> => {
       const dir = join(work, name);

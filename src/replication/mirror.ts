@@ -54,6 +54,8 @@ const TARGET_FLUSH_INTERVAL_MS = 1000;
 const ZERO_CHUNK = Buffer.alloc(CHUNK_BYTES_MAX);
 /** How long a stopping mirror waits for its last target flush. */
 const STOP_FLUSH_MS_MAX = 2000;
+/** Async mode: the client's FLUSHes sent to the target and not yet answered; one more waits. */
+const ASYNC_FLUSHES_MAX = 8;
 /** How long, at shutdown, client writes may wait for the target's acknowledgements. */
 const SHUTDOWN_ACK_WAIT_MS = 5000;
 
@@ -185,6 +187,10 @@ export class Mirror implements VolumeReplica {
   /** Async mode's current epoch: the link it was sent on, and whether a client write was
    *  acknowledged since it began (the next ordered write then depends on it: a new epoch). */
   private asyncEpoch: { link: SourceLink | null; acknowledged: boolean } = { link: null, acknowledged: true };
+  /** Async mode: client FLUSHes sent to the target and not answered yet (bounded), and who
+   *  waits for one of them to finish. */
+  private asyncFlushes = 0;
+  private readonly asyncFlushWaiters: Array<() => void> = [];
   /** Split brain resolved with --discard this: from the first restored byte until the target
    *  acknowledged the Resolve (record.restoring, kept across link drops and restarts), client
    *  writes wait at admit(). A retry restores the target's regions again (and whatever is still
@@ -472,7 +478,7 @@ export class Mirror implements VolumeReplica {
     // Stack and async modes promise nothing about when the target has it: a flush is the local
     // device's alone. Async mode still orders the target by it (below).
     if (this.record.mode === 'async') {
-      this.orderTargetFlush();
+      await this.orderTargetFlush();
       return;
     }
     if (this.record.mode !== 'sync') return;
@@ -518,7 +524,8 @@ export class Mirror implements VolumeReplica {
     // Just after a switch from async mode, ordered writes may still be on their way: this one
     // lands after them (it starts an epoch on the target), or a sync write the client saw
     // acknowledged could be on the target without an async one acknowledged before it.
-    const sent = this.deadline.track(send(link, this.asyncInFlight.size > 0)).then((result) => {
+    // Likewise after an async FLUSH still on its way.
+    const sent = this.deadline.track(send(link, this.asyncInFlight.size > 0 || this.asyncFlushes > 0)).then((result) => {
       if (result === 'ok') {
         this.unflushed.setRange(offsetBytes, lengthBytes);
       } else {
@@ -589,12 +596,21 @@ export class Mirror implements VolumeReplica {
    * flush, and of the later ones at most some: a state the source's own device could have been
    * left in by a power loss, which the client (a file system's journal) is built to recover.
    */
-  private orderTargetFlush(): void {
+  private async orderTargetFlush(): Promise<void> {
+    // Bounded: with ASYNC_FLUSHES_MAX unanswered, the client's FLUSH waits for the oldest.
+    while (this.asyncFlushes >= ASYNC_FLUSHES_MAX) await new Promise<void>((resolve) => this.asyncFlushWaiters.push(resolve));
     const link = this.liveLink();
     if (link === null || !this.takesOrderedWrites(link) || !this.isOrdered()) return; // catching up: not consistent anyway
-    if (this.asyncInFlight.size === 0 && this.unflushed.count() === 0) return; // nothing to make durable
-    void this.flushTarget(link);
+    // The next write starts an epoch even with nothing to flush here: a flush already on its
+    // way (the periodic one) may cover what the client's FLUSH covers.
     this.asyncEpoch.acknowledged = true;
+    if (this.asyncInFlight.size === 0 && this.unflushed.count() === 0) return;
+    this.asyncFlushes++;
+    const done = (): void => {
+      this.asyncFlushes--;
+      this.asyncFlushWaiters.shift()?.();
+    };
+    void this.flushTarget(link).then(done, done);
   }
 
   private takesOrderedWrites(link: SourceLink): boolean {

@@ -88,7 +88,7 @@ t.test('async mode, default: no flush between epochs without a client FLUSH', as
   const epochs = (mirror.info().async?.epochs ?? 0) - epochsBefore;
   t.ok(epochs >= offsets.length - 1, `the writes started ${epochs} epochs`);
   // Only the source's periodic flush (one a second) may have run meanwhile.
-  t.ok(target.flushes - flushesBefore <= 2, `no flush per epoch (${target.flushes - flushesBefore} flushes)`);
+  t.ok(target.flushes - flushesBefore < epochs / 2, `no flush per epoch (${target.flushes - flushesBefore} flushes for ${epochs} epochs)`);
   t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
 
@@ -117,12 +117,44 @@ t.test('async mode with epochFlush: when the flush between two epochs fails, the
   };
   await source.write(second, B); // a new epoch: the target must flush A first, and that fails
   await waitFor(() => failed, 'the flush between the epochs was attempted');
-  await waitFor(() => logs.some((line) => line.msg === 'flushing the mirror volume between two epochs failed'), 'the failure is logged');
+  // Usually the epoch's flush takes the failure; rarely the source's periodic flush comes first.
+  await waitFor(() => logs.some((line) => line.msg === 'flushing the mirror volume between two epochs failed' || line.msg === 'flushing the mirror volume failed'), 'the failure is logged');
   // A target that cannot write is a severe failure: the mirror waits for the admin in ERROR.
   await waitFor(() => mirror.info().state === 'ERROR', 'the mirror in ERROR');
   t.equal(mirror.info().error?.code, 'BM_ERR_TARGET_IO', 'with the target I/O error as its reason');
   t.notOk(appliedAfterFailure, 'B was not written while A might not be durable');
   t.notOk(target.data.subarray(second, second + B.length).equals(B), 'the target does not hold B');
   t.ok(mirror.info().dirtyBytes > 0, 'B\'s region stays dirty at the source, to be resent');
+  t.same(driverDeaths(logs), [], 'no driver failure logged');
+});
+
+t.test('async mode, default: when the target fails the client FLUSH, a write after it is not applied', async (t) => {
+  const { logger, logs } = captureLogger();
+  const target = new FakeTarget({ volatile: true });
+  const { port } = await startTarget(t, target, { logger });
+  const source = new FakeSource();
+  const { mirror } = startMirror(t, source, () => port, { logger, record: { mode: 'async' } });
+  await waitFor(() => mirror.info().state === 'INSYNC' && mirror.info().dirtyBytes === 0 && !target.hasUnflushed, 'INSYNC in async mode, flushed');
+
+  const [first, second] = offsets as [number, number];
+  const B = randomBytes(4 * KiB);
+  let failed = false;
+  let appliedAfterFailure = false;
+  target.beforeWrite = (offsetBytes) => {
+    if (failed && offsetBytes === second) appliedAfterFailure = true;
+  };
+  await source.write(first, randomBytes(4 * KiB));
+  target.beforeFlush = () => {
+    target.beforeFlush = () => undefined;
+    failed = true;
+    throw Object.assign(new Error('injected flush failure'), { code: 'EIO' });
+  };
+  await source.clientFlush(); // answered once local; the target's flush fails
+  await source.write(second, B);
+  await waitFor(() => mirror.info().state === 'ERROR', 'the mirror in ERROR');
+  t.ok(failed, 'the target was asked to flush');
+  t.equal(mirror.info().error?.code, 'BM_ERR_TARGET_IO', 'with the target I/O error as its reason');
+  t.notOk(appliedAfterFailure, 'B was not written after the failed flush');
+  t.notOk(target.data.subarray(second, second + B.length).equals(B), 'the target does not hold B');
   t.same(driverDeaths(logs), [], 'no driver failure logged');
 });
