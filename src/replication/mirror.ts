@@ -54,8 +54,6 @@ const TARGET_FLUSH_INTERVAL_MS = 1000;
 const ZERO_CHUNK = Buffer.alloc(CHUNK_BYTES_MAX);
 /** How long a stopping mirror waits for its last target flush. */
 const STOP_FLUSH_MS_MAX = 2000;
-/** Async mode: the client's FLUSHes sent to the target and not yet answered; one more waits. */
-const ASYNC_FLUSHES_MAX = 8;
 /** How long, at shutdown, client writes may wait for the target's acknowledgements. */
 const SHUTDOWN_ACK_WAIT_MS = 5000;
 
@@ -187,10 +185,6 @@ export class Mirror implements VolumeReplica {
   /** Async mode's current epoch: the link it was sent on, and whether a client write was
    *  acknowledged since it began (the next ordered write then depends on it: a new epoch). */
   private asyncEpoch: { link: SourceLink | null; acknowledged: boolean } = { link: null, acknowledged: true };
-  /** Async mode: client FLUSHes sent to the target and not answered yet (bounded), and who
-   *  waits for one of them to finish. */
-  private asyncFlushes = 0;
-  private readonly asyncFlushWaiters: Array<() => void> = [];
   /** Split brain resolved with --discard this: from the first restored byte until the target
    *  acknowledged the Resolve (record.restoring, kept across link drops and restarts), client
    *  writes wait at admit(). A retry restores the target's regions again (and whatever is still
@@ -464,23 +458,19 @@ export class Mirror implements VolumeReplica {
       });
     }
     this.forgetRestored(offsetBytes, data.length);
-    if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, data.length, data, fua, local);
+    if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, data.length, data, local);
     return this.forward(offsetBytes, data.length, local, (link, ordered) => link.write(offsetBytes, data, data.length, fua, ordered), !restore);
   }
 
   replicateZeroes(offsetBytes: number, lengthBytes: number, fua: boolean, local: Promise<void>): Promise<void> {
     this.forgetRestored(offsetBytes, lengthBytes);
-    if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, lengthBytes, undefined, fua, local);
+    if (this.record.mode === 'async') return this.forwardOrdered(offsetBytes, lengthBytes, undefined, local);
     return this.forward(offsetBytes, lengthBytes, local, (link, ordered) => link.write(offsetBytes, undefined, lengthBytes, fua, ordered));
   }
 
   async replicateFlush(): Promise<void> {
     // Stack and async modes promise nothing about when the target has it: a flush is the local
-    // device's alone. Async mode still orders the target by it (below).
-    if (this.record.mode === 'async') {
-      await this.orderTargetFlush();
-      return;
-    }
+    // device's alone.
     if (this.record.mode !== 'sync') return;
     const link = this.liveLink();
     if (link === null) {
@@ -524,8 +514,7 @@ export class Mirror implements VolumeReplica {
     // Just after a switch from async mode, ordered writes may still be on their way: this one
     // lands after them (it starts an epoch on the target), or a sync write the client saw
     // acknowledged could be on the target without an async one acknowledged before it.
-    // Likewise after an async FLUSH still on its way.
-    const sent = this.deadline.track(send(link, this.asyncInFlight.size > 0 || this.asyncFlushes > 0)).then((result) => {
+    const sent = this.deadline.track(send(link, this.asyncInFlight.size > 0)).then((result) => {
       if (result === 'ok') {
         this.unflushed.setRange(offsetBytes, lengthBytes);
       } else {
@@ -545,7 +534,7 @@ export class Mirror implements VolumeReplica {
    * up after a fallback or a crack), it only marks the bitmap; the target is crash consistent
    * again once the copier has made the bitmap clean.
    */
-  private async forwardOrdered(offsetBytes: number, lengthBytes: number, data: Buffer | undefined, fua: boolean, local: Promise<void>): Promise<void> {
+  private async forwardOrdered(offsetBytes: number, lengthBytes: number, data: Buffer | undefined, local: Promise<void>): Promise<void> {
     const link = this.liveLink();
     const overflow = this.asyncBytes + lengthBytes > this.asyncBufferBytes();
     // While catching up, a write into a region the copier still owes only marks it (the copier
@@ -575,8 +564,7 @@ export class Mirror implements VolumeReplica {
     const startsEpoch = this.asyncEpoch.link !== link || this.asyncEpoch.acknowledged || this.copiesInFlight.size > 0;
     if (startsEpoch) this.asyncEpoch = { link, acknowledged: false };
     this.asyncEpochs += startsEpoch ? 1 : 0;
-    // FUA travels too: the target makes the write durable before a later epoch starts.
-    void link.write(offsetBytes, payload, lengthBytes, fua, startsEpoch).then((result) => {
+    void link.write(offsetBytes, payload, lengthBytes, false, startsEpoch).then((result) => {
       if (result === 'ok') this.unflushed.setRange(offsetBytes, lengthBytes);
       else this.markDirty(offsetBytes, lengthBytes);
       this.asyncInFlight.delete(entry);
@@ -587,30 +575,6 @@ export class Mirror implements VolumeReplica {
     await local.catch(() => this.markDirty(offsetBytes, lengthBytes));
     // The client is answered from here on: later writes may depend on this one.
     this.asyncEpoch.acknowledged = true;
-  }
-
-  /**
-   * Async mode, a client's FLUSH (answered once local): a target flush goes out in order after
-   * every write sent before it, and the next write starts an epoch, which the target applies
-   * only once that flush is done. So a target host losing power keeps every write before the
-   * flush, and of the later ones at most some: a state the source's own device could have been
-   * left in by a power loss, which the client (a file system's journal) is built to recover.
-   */
-  private async orderTargetFlush(): Promise<void> {
-    // Bounded: with ASYNC_FLUSHES_MAX unanswered, the client's FLUSH waits for the oldest.
-    while (this.asyncFlushes >= ASYNC_FLUSHES_MAX) await new Promise<void>((resolve) => this.asyncFlushWaiters.push(resolve));
-    const link = this.liveLink();
-    if (link === null || !this.takesOrderedWrites(link) || !this.isOrdered()) return; // catching up: not consistent anyway
-    // The next write starts an epoch even with nothing to flush here: a flush already on its
-    // way (the periodic one) may cover what the client's FLUSH covers.
-    this.asyncEpoch.acknowledged = true;
-    if (this.asyncInFlight.size === 0 && this.unflushed.count() === 0) return;
-    this.asyncFlushes++;
-    const done = (): void => {
-      this.asyncFlushes--;
-      this.asyncFlushWaiters.shift()?.();
-    };
-    void this.flushTarget(link).then(done, done);
   }
 
   private takesOrderedWrites(link: SourceLink): boolean {

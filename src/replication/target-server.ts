@@ -39,7 +39,6 @@ const SESSION_FLUSHES_MAX = 64;
  *  so a source that stops reading cannot grow our write buffer. */
 const SESSION_REPLY_BYTES_MAX = 1024 * 1024;
 const HELLO_TIMEOUT_MS = 10_000;
-const ignore = (): void => undefined;
 /** What this target offers; the reply carries the intersection with what the source asks. */
 const TARGET_CAPABILITIES = Capability.ORDERED_WRITES | Capability.BITMAP_EXCHANGE;
 /** A ResyncRequest: at most this many ranges and bytes (answered one range at a time). */
@@ -69,8 +68,8 @@ export interface ReplicationServerOptions {
   faultApplyDelayMaxMs?: number;
   /** Flush the mirror volume at every epoch boundary of async mode (default false; config
    *  replication.epochFlush): a target host losing power then keeps a prefix of the writes.
-   *  Without, it keeps every write before the source client's last FLUSH (forwarded in order)
-   *  and some of the later ones, as the source's own device would after a power loss. */
+   *  Without, only the source's resend of what the target acknowledged and had not flushed
+   *  repairs that, when it reconnects. */
   epochFlush?: boolean;
   /** Connections at once, authenticated or not (default replicationConnectionsMax); one
    *  accepted beyond it is closed at once. */
@@ -359,8 +358,6 @@ class TargetSession {
   /** Set by the last ordered write: every write received from then on waits for what came
    *  before that write (async mode's epochs). `landed` spares later writes the wait. */
   private epoch: { landed: boolean; start: Promise<void> } | undefined;
-  /** Flushes received and not yet settled (settling, they leave the set; never reject). */
-  private readonly pendingFlushes = new Set<Promise<void>>();
   /** A write (not FUA) was issued to the device since the last epoch's flush. True at first:
    *  an earlier session may have left writes unflushed, and the first epoch covers them too. */
   private unflushedSinceEpoch = true;
@@ -499,9 +496,7 @@ class TargetSession {
     // target host loses power and its device's volatile cache with it). Within an epoch writes
     // only wait for overlaps.
     if (ordered) {
-      const flushes = this.pendingFlushes.size === 0 ? [] : [...this.pendingFlushes];
-      const drained = this.order.drain();
-      const start = (flushes.length === 0 ? drained : Promise.all([drained, ...flushes])).then(() => this.flushEarlierEpochs());
+      const start = this.order.drain().then(() => this.flushEarlierEpochs());
       const epoch = { landed: false, start };
       start.then(
         () => {
@@ -560,20 +555,9 @@ class TargetSession {
   /** Flush: durable once every write received before it has landed. Barrier: landed only. */
   private applyFlush(sequence: number, durable: boolean): void {
     this.flushesInFlight++;
-    const flushed = this.order
+    void this.order
       .drain()
       .then(() => (durable ? this.volume.flush() : undefined))
-      .catch((error: unknown) => {
-        // Set before any later epoch can start: what came before may not be durable.
-        if (durable) this.orderBroken = true;
-        throw error;
-      });
-    // A later epoch starts only once this flush is done (pendingFlushes), so a write the source
-    // orders after a flush reaches the device only with the earlier writes durable.
-    const pending = flushed.then(ignore, ignore);
-    this.pendingFlushes.add(pending);
-    void pending.then(() => this.pendingFlushes.delete(pending));
-    void flushed
       .then(async () => {
         const bind = durable ? this.bindOnFlush : undefined;
         this.bindOnFlush = undefined;

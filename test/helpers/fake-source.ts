@@ -117,12 +117,12 @@ export class FakeSource implements ReplicaSource {
 
   /** A client write whose local write takes `localMs` and, with `localFails`, fails with EIO
    *  (the local bytes then stay as they were). */
-  async write(offsetBytes: number, payload: Buffer, options: { localMs?: number; localFails?: boolean; fua?: boolean } = {}): Promise<void> {
-    const { localMs = 0, localFails = false, fua = false } = options;
+  async write(offsetBytes: number, payload: Buffer, options: { localMs?: number; localFails?: boolean } = {}): Promise<void> {
+    const { localMs = 0, localFails = false } = options;
     for (const replica of this.replicas) await replica.admit();
     this.admitted++;
     try {
-      await this.writeAdmitted(offsetBytes, payload, localMs, localFails, fua);
+      await this.writeAdmitted(offsetBytes, payload, localMs, localFails);
     } finally {
       if (--this.admitted === 0) for (const resolve of this.admittedWaiters.splice(0)) resolve();
     }
@@ -136,7 +136,7 @@ export class FakeSource implements ReplicaSource {
   private admitted = 0;
   private admittedWaiters: Array<() => void> = [];
 
-  private async writeAdmitted(offsetBytes: number, payload: Buffer, localMs: number, localFails: boolean, fua: boolean): Promise<void> {
+  private async writeAdmitted(offsetBytes: number, payload: Buffer, localMs: number, localFails: boolean): Promise<void> {
     const unlock = await this.lock();
     const local = new Promise<void>((resolve, reject) =>
       setTimeout(() => {
@@ -148,7 +148,7 @@ export class FakeSource implements ReplicaSource {
         }
       }, localMs),
     );
-    const replicated = Promise.allSettled(this.replicas.map((replica) => replica.replicateWrite(offsetBytes, payload, fua, local)));
+    const replicated = Promise.allSettled(this.replicas.map((replica) => replica.replicateWrite(offsetBytes, payload, false, local)));
     try {
       await local.then(
         () => undefined,
