@@ -491,10 +491,10 @@ class TargetSession {
     const bytes = payload?.length ?? 0;
     this.inFlightBytes += bytes;
     // An ordered write starts an epoch: it and every write after it start once every write
-    // before it landed and was flushed, so a write never reaches the device before one the
-    // source had acknowledged when it was issued is durable (crash consistent, also when the
-    // target host loses power and its device's volatile cache with it). Within an epoch writes
-    // only wait for overlaps.
+    // before it landed, so a write never lands before one the source had acknowledged when it
+    // was issued (crash consistent). With epochFlush the earlier ones are also flushed first,
+    // which holds when the target host loses power and its device's volatile cache with it.
+    // Within an epoch writes only wait for overlaps.
     if (ordered) {
       const start = this.order.drain().then(() => this.flushEarlierEpochs());
       const epoch = { landed: false, start };
