@@ -121,8 +121,12 @@ interface Row {
   note: string;
 }
 
+/** fio options of a sequential 1M O_DIRECT job on a device (after its --name). */
+const rawJobArgs = (device: string, rw: 'read' | 'write'): string[] =>
+  [`--filename=${device}`, '--ioengine=io_uring', '--direct=1', `--rw=${rw}`, '--bs=1M', '--iodepth=8', `--size=${deviceBytes}`];
+
 function rawFio(device: string, rw: 'read' | 'write', output: string, onePass = false): Promise<FioSide> {
-  const args = [`--name=raw-${rw}`, `--filename=${device}`, '--ioengine=io_uring', '--direct=1', `--rw=${rw}`, '--bs=1M', '--iodepth=8', `--size=${deviceBytes}`];
+  const args = [`--name=raw-${rw}`, ...rawJobArgs(device, rw)];
   if (!onePass) args.push('--time_based', `--runtime=${rawRuntimeSeconds}`);
   return runFio(args, rw, output);
 }
@@ -197,14 +201,12 @@ async function main(): Promise<void> {
     const rawLimit = Math.min(rawRead.bw_bytes, rawWrite.bw_bytes) / 1e6;
     log(`raw source read ${(rawRead.bw_bytes / 1e6).toFixed(0)} MB/s, raw target write ${(rawWrite.bw_bytes / 1e6).toFixed(0)} MB/s`);
     // The full sync's ceiling: the source read and the target write at once, nothing in between.
-    const rawJob = (device: string, rw: 'read' | 'write'): string[] =>
-      [`--filename=${device}`, '--ioengine=io_uring', '--direct=1', `--rw=${rw}`, '--bs=1M', '--iodepth=8', `--size=${deviceBytes}`];
     const ceilings: Ceiling[] = [];
     const logCeiling = (ceiling: Ceiling): void =>
       log(`machine ceiling, ${ceiling.what}: ${ceiling.value.toFixed(0)} ${ceiling.unit}, ${ceiling.ratio.toFixed(2)}x of ${ceiling.reference.toFixed(0)} ` +
         `(steps: ${ceiling.steps.map((step) => `target limit ${step.targetLimit.toFixed(0)} -> source ${step.source.toFixed(0)}, target ${step.target.toFixed(0)}`).join('; ')})`);
     const fullSyncCeiling = await machineCeiling({
-      what: 'full sync', unit: 'MB/s', sourceJob: rawJob(source.path, 'read'), sourceSide: 'read', targetJob: rawJob(target.path, 'write'),
+      what: 'full sync', unit: 'MB/s', sourceJob: rawJobArgs(source.path, 'read'), sourceSide: 'read', targetJob: rawJobArgs(target.path, 'write'),
       reference: rawLimit, startRate: 0.8 * rawLimit, iterations: ceilingSteps, seconds: rawRuntimeSeconds, output: fioOut,
     });
     ceilings.push(fullSyncCeiling);
@@ -340,7 +342,7 @@ async function main(): Promise<void> {
     if (spareUri === undefined) throw new Error('the target daemon has no NBD TCP address');
     const tcpCeilings: Record<string, Ceiling> = {};
     const fullSyncTcpCeiling = await machineCeiling({
-      what: 'full sync, over TCP', unit: 'MB/s', sourceJob: rawJob(source.path, 'read'), sourceSide: 'read', targetJob: nbdJobArgs(spareUri, { ...(nbdJobs[1] as NbdJob), rw: 'write' }),
+      what: 'full sync, over TCP', unit: 'MB/s', sourceJob: rawJobArgs(source.path, 'read'), sourceSide: 'read', targetJob: nbdJobArgs(spareUri, { ...(nbdJobs[1] as NbdJob), rw: 'write' }),
       reference: rawLimit, startRate: 0.8 * rawLimit, iterations: ceilingSteps, seconds: rawRuntimeSeconds, output: fioOut,
     });
     ceilings.push(fullSyncTcpCeiling);
