@@ -229,11 +229,11 @@ export function resolveConfig(cli: CliConfig): DaemonConfig {
     nodeName = cli.nodeName;
   }
 
-  const { epochFlush: _epochFlush, ...replicationTiming } = file?.replication ?? {};
+  const { epochFlush = false, ...replicationTiming } = file?.replication ?? {};
   return {
     nodeName,
     replication: { ...replicationTimingDefaults, ...replicationTiming },
-    epochFlush: file?.replication?.epochFlush ?? false,
+    epochFlush,
     writeIntent: { activityLogExtents: file?.writeIntent?.activityLogExtents ?? ACTIVITY_LOG_EXTENTS_DEFAULT },
     controlSocket: cli.controlSocket !== undefined ? cliSocketPath('--control-socket', cli.controlSocket) : (file?.controlSocket ?? defaults.controlSocket),
     nbdSocket: cli.nbdSocket !== undefined ? cliSocketPath('--nbd-socket', cli.nbdSocket) : (file?.nbdSocket ?? defaults.nbdSocket),
